@@ -7,7 +7,10 @@ The variant is the text after ':' in --config (ml_collections passes it to get_c
 
 Training is data parallel over one mesh axis, `data`, that spans every device, so a variant
 only has to size the global batch to the device count (global_batch_size must split evenly)
-and scale the learning rates with it the way LDM does (4.5e-6 x global batch).
+and scale the learning rates with it the way LDM does (4.5e-6 x global batch). On several
+slices (Multislice, `launch/gcp.sh --num-slices=N`) the axis still spans every device; the mesh
+orders it slice by slice (vae_scale/sharding.py), so gradients are reduced over each slice's
+ICI first and only then across slices over the data-center network.
 
 Device counts are what JAX reports (jax.device_count()), which is not always the number in the
 accelerator name: v4 and v5p names count TensorCores, two per chip, and JAX shows one device per
@@ -18,8 +21,13 @@ chip (megacore); v5e names count chips, one TensorCore each.
   v5e-64   v5litepod-64       64      8       64            4          256
   v4-32    v4-32              16      4       16            8          128
   v5p-128  v5p-128            64     16       64            8          512
+  2xv5e-256 v5litepod-256 x2 512     64      512            4         2048
   gpu8     8 GPUs, 1 host      -      1        8            8           64
   gpu8x4   8 GPUs x 4 hosts    -      4       32            8          256
+
+2xv5e-256 is two v5litepod-256 slices joined over DCN (launch/gcp.sh --num-slices=2). Its
+hosts follow the v5e table (a 16x16 slice = 32 hosts); if the VMs carry 4 chips each (64 per
+slice) the global batch still divides evenly between them.
 
 Per-device batches are starting points that fit 256x256 crops in bfloat16 with room to spare
 (v5e has 16 GiB of HBM per chip, v4 32 GiB, v5p 95 GiB, GPUs assumed 40-80 GiB); raise them
@@ -46,6 +54,7 @@ class Slice:
   per_device_batch: int
   remat: str  # model.remat: none | block | level.
   num_workers: int  # Grain worker processes per JAX process.
+  num_slices: int = 1  # TPU slices joined over DCN (Multislice); devices and hosts are totals.
 
 
 SLICES = {
@@ -61,6 +70,11 @@ SLICES = {
     # v5p-128 = 128 TensorCores = 64 chips on 16 hosts (megacore: 64 JAX devices).
     "v5p-128": Slice(num_devices=64, num_processes=16, per_device_batch=8, remat="none",
                      num_workers=16),
+    # Two v5litepod-256 slices (Multislice, launch/gcp.sh --num-slices=2): 512 chips over DCN.
+    # 16 GiB per chip, as on v5e-64. Resuming on one slice (or on another shape) keeps this
+    # global batch if the device count divides it: pass --config.global_batch_size to change it.
+    "2xv5e-256": Slice(num_devices=512, num_processes=64, per_device_batch=4, remat="block",
+                       num_workers=16, num_slices=2),
     # One host with 8 GPUs, one process (launch/gpu_host.sh).
     "gpu8": Slice(num_devices=8, num_processes=1, per_device_batch=8, remat="none",
                   num_workers=32),

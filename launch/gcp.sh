@@ -13,7 +13,9 @@ usage() {
   cat <<EOF
 Usage: ${PROG} SUBCOMMAND [FLAGS] [-- ARGS FOR vae_scale.main]
 
-Cloud TPU slices for vae_scale. A slice is a queued resource NAME whose TPU node is also NAME.
+Cloud TPU slices for vae_scale. A slice is a queued resource NAME whose TPU node is also NAME;
+with --num-slices=N > 1 it is a Multislice: one queued resource NAME with N nodes NAME-0 ..
+NAME-(N-1), each a slice of --accelerator-type, joined over the data-center network (DCN).
 
 Subcommands (a pod's lifecycle, in order):
   create   request the queued resource (--spot or on-demand) and wait until it is ACTIVE
@@ -39,6 +41,9 @@ Flags (each also --flag=VALUE; the environment variable is the default):
   --zone ZONE              e.g. us-west4-a        VAE_ZONE, else CLOUDSDK_COMPUTE_ZONE
   --project PROJECT        GCP project id         VAE_PROJECT, else CLOUDSDK_CORE_PROJECT
   --accelerator-type TYPE  e.g. v5litepod-64, v4-32, v5p-128      VAE_ACCELERATOR_TYPE
+  --num-slices N           slices of that type (default 1); N > 1: a Multislice queued
+                           resource (--node-count=N --node-prefix=NAME); pass the same N to
+                           every subcommand, as it changes how workers are reached  VAE_NUM_SLICES
   --runtime-version V      TPU VM image; default from the type:   VAE_RUNTIME_VERSION
                            v5litepod-* v2-alpha-tpuv5-lite, v5p-* v2-alpha-tpuv5,
                            v6e-* v2-alpha-tpuv6e, v2/v3/v4-* tpu-ubuntu2204-base
@@ -54,14 +59,17 @@ Flags (each also --flag=VALUE; the environment variable is the default):
   --max-restarts N         watch: give up after N recoveries (default: never) VAE_MAX_RESTARTS
   --delete-when-done       watch: delete the slice when training ends (finished, or exit 2/3)
   --worker N|all           logs: which worker (default 0)
+  --node N|all             logs, with --num-slices > 1: which slice (default 0)
   --lines N                logs: how many lines (default 100)
   --dry-run                print every gcloud command instead of running it (describe answers
                            are simulated; watch plays one preemption)
   -h, --help               this text
 
 Exit codes: 0 done; 1 failure (gcloud error, --max-restarts reached); 2 bad usage, or
-training rejected its config or input; 3 training diverged. watch reruns neither 2 nor 3.
-vae_scale.main exits 42 after saving a checkpoint on SIGTERM (preemption): rerun to resume.
+training rejected its config, data or weights; 3 training diverged (too many non-finite
+steps). watch reruns neither 2 nor 3. vae_scale.main exits 42 after saving a checkpoint on
+SIGTERM (preemption), or shows 143 if the signal came before it could handle it: watch reruns
+both (so does a crash, up to --max-restarts).
 
 A spot pod that resumes by itself after preemption:
   export VAE_PROJECT=my-project VAE_ZONE=us-west4-a VAE_TPU_NAME=vae-v5e-64
@@ -69,6 +77,9 @@ A spot pod that resumes by itself after preemption:
       --repo=https://github.com/ORG/vae_scale.git --ref=main \\
       --config=configs/pods.py:v5e-64 --workdir=gs://BUCKET/vae/run1 \\
       -- --config.data.path=gs://BUCKET/images
+Two v5e-256 slices over DCN (training sees one data-parallel mesh of 512 devices):
+  ${PROG} watch --accelerator-type=v5litepod-256 --num-slices=2 --spot ... \\
+      --config=configs/pods.py:2xv5e-256 --workdir=gs://BUCKET/vae/run1 -- ...
 Step by step: create, setup, run (same flags); then status, logs, stop, delete.
 EOF
 }
@@ -78,6 +89,7 @@ NAME="${VAE_TPU_NAME:-}"
 ZONE="${VAE_ZONE:-${CLOUDSDK_COMPUTE_ZONE:-}}"
 PROJECT="${VAE_PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}"
 ACCELERATOR_TYPE="${VAE_ACCELERATOR_TYPE:-}"
+NUM_SLICES="${VAE_NUM_SLICES:-1}"
 RUNTIME_VERSION="${VAE_RUNTIME_VERSION:-}"
 SPOT="${VAE_SPOT:-0}"
 REPO="${VAE_REPO:-}"
@@ -89,6 +101,7 @@ POLL_SECONDS="${VAE_POLL_SECONDS:-60}"
 MAX_RESTARTS="${VAE_MAX_RESTARTS:-}"
 DELETE_WHEN_DONE=0
 WORKER="0"
+NODE="0"
 LINES="100"
 DRY_RUN=0
 SUBCOMMAND=""
@@ -157,6 +170,7 @@ set_flag() {
     --zone) ZONE="${value}" ;;
     --project) PROJECT="${value}" ;;
     --accelerator-type) ACCELERATOR_TYPE="${value}" ;;
+    --num-slices) NUM_SLICES="${value}" ;;
     --runtime-version) RUNTIME_VERSION="${value}" ;;
     --create-flag) CREATE_FLAGS+=("${value}") ;;
     --repo) REPO="${value}" ;;
@@ -167,6 +181,7 @@ set_flag() {
     --poll-seconds) POLL_SECONDS="${value}" ;;
     --max-restarts) MAX_RESTARTS="${value}" ;;
     --worker) WORKER="${value}" ;;
+    --node) NODE="${value}" ;;
     --lines) LINES="${value}" ;;
     *) usage_error "unknown flag ${flag}" ;;
   esac
@@ -196,6 +211,8 @@ parse_args() {
     shift
   done
   [[ -n "${SUBCOMMAND}" ]] || usage_error "no subcommand"
+  [[ "${NUM_SLICES}" =~ ^[1-9][0-9]*$ ]] ||
+    usage_error "--num-slices must be a whole number of at least 1, got '${NUM_SLICES}'"
 }
 
 # -- Checks: one clear line per missing or malformed setting ---------------------------------
@@ -236,6 +253,7 @@ need() {
       logs)
         [[ "${WORKER}" == all || "${WORKER}" =~ ^[0-9]+$ ]] || usage_error "--worker must be a number or all"
         [[ "${LINES}" =~ ^[0-9]+$ ]] || usage_error "--lines must be a whole number"
+        [[ "${NODE}" == all || "${NODE}" =~ ^[0-9]+$ ]] || usage_error "--node must be a number or all"
         ;;
     esac
   done
@@ -252,8 +270,17 @@ default_runtime() {
 }
 
 # -- gcloud calls ------------------------------------------------------------------------------
+multislice() {
+  ((NUM_SLICES > 1))
+}
+
 qr_create() {
-  local args=(compute tpus queued-resources create "${NAME}" "--node-id=${NAME}"
+  local nodes=("--node-id=${NAME}")
+  # Multislice: N nodes NAME-0 .. NAME-(N-1), one per slice, provisioned together. Their VMs
+  # get MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID and MEGASCALE_COORDINATOR_ADDRESS (worker 0
+  # of slice 0) in their TPU environment, which libtpu and jax.distributed.initialize() read.
+  multislice && nodes=("--node-count=${NUM_SLICES}" "--node-prefix=${NAME}")
+  local args=(compute tpus queued-resources create "${NAME}" "${nodes[@]}"
     "--zone=${ZONE}" "--project=${PROJECT}" "--accelerator-type=${ACCELERATOR_TYPE}"
     "--runtime-version=${RUNTIME_VERSION}")
   ((SPOT)) && args+=(--spot)
@@ -292,10 +319,17 @@ qr_state() {
   fi
 }
 
+# Runs a command on workers of the slice; with several slices, on those workers of every node
+# (or of node $3) through the queued resource.
 ssh_workers() {
-  local worker="$1" command="$2"
-  gc compute tpus tpu-vm ssh "${NAME}" "--zone=${ZONE}" "--project=${PROJECT}" \
-    "--worker=${worker}" --quiet "--command=${command}"
+  local worker="$1" command="$2" node="${3:-all}"
+  if multislice; then
+    gc compute tpus queued-resources ssh "${NAME}" "--zone=${ZONE}" "--project=${PROJECT}" \
+      "--node=${node}" "--worker=${worker}" --quiet "--command=${command}"
+  else
+    gc compute tpus tpu-vm ssh "${NAME}" "--zone=${ZONE}" "--project=${PROJECT}" \
+      "--worker=${worker}" --quiet "--command=${command}"
+  fi
 }
 
 setup_command() {
@@ -309,19 +343,24 @@ setup_command() {
 }
 
 run_command() {
-  # --distributed=on: TPU VMs learn their slice's workers from the metadata server, which
+  # --distributed=on: TPU VMs learn their slice's workers (and, on a Multislice, the slice
+  # count, their slice id and the coordinator) from the metadata server, which
   # jax.distributed.initialize() reads (GKE's TPU_WORKER_HOSTNAMES is not set on TPU VMs).
   printf '%s' "bash ${WORKER_SCRIPT} start $(quote "--copy-logs-to=${WORKDIR}/logs") --" \
     " $(join_quoted --distributed=on "--config=${CONFIG}" "--workdir=${WORKDIR}" "${MAIN_ARGS[@]}")"
 }
 
+slices_note() {
+  if multislice; then printf ' (%s slices)' "${NUM_SLICES}"; fi
+}
+
 remote_setup() {
-  log "setup: installing vae_scale (${REF}) on every worker of ${NAME}"
+  log "setup: installing vae_scale (${REF}) on every worker of ${NAME}$(slices_note)"
   ssh_workers all "$(setup_command)"
 }
 
 remote_run() {
-  log "run: starting training on every worker of ${NAME}, workdir ${WORKDIR}"
+  log "run: starting training on every worker of ${NAME}$(slices_note), workdir ${WORKDIR}"
   ssh_workers all "$(run_command)"
 }
 
@@ -433,7 +472,7 @@ cmd_status() {
 
 cmd_logs() {
   need name zone project logs
-  ssh_workers "${WORKER}" "tail -n ${LINES} ~/vae_scale_logs/worker-*.log"
+  ssh_workers "${WORKER}" "tail -n ${LINES} ~/vae_scale_logs/worker-*.log" "${NODE}"
 }
 
 cmd_stop() {
@@ -473,7 +512,10 @@ cmd_watch() {
   fi
   RESTARTS=0
   local set_up=0 started=0 errors=0 last=""
-  log "watching ${NAME} (${ACCELERATOR_TYPE}$( ((SPOT)) && echo ", spot")) every ${POLL_SECONDS}s;" \
+  local shape="${ACCELERATOR_TYPE}"
+  multislice && shape+=" x ${NUM_SLICES} slices"
+  ((SPOT)) && shape+=", spot"
+  log "watching ${NAME} (${shape}) every ${POLL_SECONDS}s;" \
     "workdir ${WORKDIR}"
   qr_state
   if [[ "${STATE}" == ACTIVE ]]; then

@@ -8,9 +8,11 @@
 #   tpu_worker.sh stop [--timeout=SECONDS]
 #   tpu_worker.sh status        -> one line: "vae_status HOSTNAME running|none|EXIT_CODE"
 #
-# Exit codes of vae_scale.main that the status line reports: 0 finished, 42 preempted (it saved a
-# checkpoint on SIGTERM; rerun the same command to resume), 2 bad config or input, 3 diverged
-# (too many non-finite steps); do not rerun 2 or 3.
+# Exit codes of vae_scale.main that the status line reports (shell convention: 128+N for a
+# death by signal N): 0 finished; 42 preempted (it saved a checkpoint on SIGTERM) or 143 (it died
+# of SIGTERM before it could handle it; its latest checkpoint stands): rerun the same command to
+# resume; 2 bad config, data or weights and 3 diverged (too many non-finite steps): do not rerun.
+# launch/gcp.sh watch acts on them that way.
 #
 # Paths (override for tests or unusual images): VAE_HOME (~/vae_scale, the clone),
 # VAE_VENV (~/vae_venv), VAE_LOG_DIR (~/vae_scale_logs), VAE_PYTHON ($VAE_VENV/bin/python).
@@ -133,8 +135,8 @@ cmd_supervise() {
   if "${VAE_PYTHON}" -m vae_scale.main "$@"; then code=0; else code=$?; fi
   echo "${code}" >"${EXIT_FILE}.tmp"
   mv "${EXIT_FILE}.tmp" "${EXIT_FILE}"
-  printf '=== %s exit %s on %s (0 finished, 42 preempted: rerun resumes, 2 bad config, 3 diverged)\n' \
-    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${code}" "${HOST}"
+  printf '=== %s exit %s on %s (%s)\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${code}" "${HOST}" \
+    "0 finished; 42, 143 preempted: rerun resumes; 2 bad config; 3 diverged"
   if [[ -n "${copy_to}" ]]; then
     # The VM's disk goes with the slice; keep a copy of the log beside the checkpoints.
     gcloud storage cp --quiet "${LOG_FILE}" "${copy_to}/worker-${HOST}.log" || true

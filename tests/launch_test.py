@@ -51,7 +51,8 @@ if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
                      "'projects/p/locations/z/queuedResources/%s' was not found\\n" % args[4])
     sys.exit(1)
   print(state)
-elif args[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and args[-1].endswith("tpu_worker.sh status"):
+elif (args[:4] in (["compute", "tpus", "tpu-vm", "ssh"], ["compute", "tpus", "queued-resources", "ssh"])
+      and args[-1].endswith("tpu_worker.sh status")):
   for worker, state in enumerate(pop("statuses").split()):
     print("%svae_status t1v-n-fake-w-%d %s" % ("" if worker else "[w0] ", worker, state))
 """
@@ -84,6 +85,25 @@ RUN = [*SSH, "--worker=all", "--quiet",
        " --config.data.path=gs://my-bucket/images --config.seed=3"]
 STATUS = [*SSH, "--worker=all", "--quiet", "--command=bash ~/vae_scale/launch/tpu_worker.sh status"]
 
+# Two slices (Multislice): one queued resource with nodes vae-pod-0 and vae-pod-1, every
+# worker of every node reached through the queued resource.
+MS_FLAGS = [f if not f.startswith("--accelerator-type") else "--accelerator-type=v5litepod-256"
+            for f in WATCH_FLAGS if not f.startswith("--config=")]
+MS_FLAGS += ["--num-slices=2", "--config=configs/pods.py:2xv5e-256"]
+MS_CREATE = ["compute", "tpus", "queued-resources", "create", NAME, "--node-count=2",
+             f"--node-prefix={NAME}", *WHERE, "--accelerator-type=v5litepod-256",
+             "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]
+MS_SSH = ["compute", "tpus", "queued-resources", "ssh", NAME, *WHERE, "--node=all"]
+
+
+def _multislice(call):
+  """The call as gcp.sh makes it for two slices: tpu-vm ssh becomes queued-resources ssh
+  --node=all, the workdir and config stay."""
+  if call[:4] == SSH[:4]:
+    return [*MS_SSH, *[a.replace("configs/pods.py:v5e-64", "configs/pods.py:2xv5e-256")
+                       for a in call[len(SSH):]]]
+  return MS_CREATE if call == CREATE else call
+
 
 def _executable(path: pathlib.Path, text: str) -> pathlib.Path:
   path.write_text(text)
@@ -102,7 +122,7 @@ def fake_gcloud(tmp_path, monkeypatch):
   for var in ("VAE_TPU_NAME", "VAE_ZONE", "VAE_PROJECT", "CLOUDSDK_COMPUTE_ZONE",
               "CLOUDSDK_CORE_PROJECT", "VAE_ACCELERATOR_TYPE", "VAE_RUNTIME_VERSION", "VAE_SPOT",
               "VAE_REPO", "VAE_REF", "VAE_CONFIG", "VAE_WORKDIR", "VAE_MAX_RESTARTS",
-              "VAE_POLL_SECONDS", "VAE_PYTHON_VERSION"):
+              "VAE_POLL_SECONDS", "VAE_PYTHON_VERSION", "VAE_NUM_SLICES"):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("VAE_TPU_NAME", NAME)
   monkeypatch.setenv("VAE_ZONE", ZONE)
@@ -141,7 +161,8 @@ def test_help_lists_every_subcommand_and_flag():
   for word in ("create", "setup", "run", "watch", "status", "logs", "stop", "delete",
                "--dry-run", "--spot", "--accelerator-type", "--runtime-version", "--zone",
                "--project", "--name", "--repo", "--ref", "--config", "--workdir",
-               "--poll-seconds", "--max-restarts", "VAE_TPU_NAME", "42"):
+               "--poll-seconds", "--max-restarts", "VAE_TPU_NAME", "42", "143", "--num-slices",
+               "VAE_NUM_SLICES", "--node"):
     assert word in result.stdout, word
 
 
@@ -189,9 +210,23 @@ def test_watch_attaches_to_a_running_slice_and_reruns_exit_42(fake_gcloud):
   assert "already running" in result.stderr
 
 
-@pytest.mark.parametrize("code", ["2", "3"])  # Bad config or input; diverged.
-def test_watch_does_not_rerun_a_bad_config_or_divergence(fake_gcloud, code):
-  _story(fake_gcloud, ["NOT_FOUND", "ACTIVE", "ACTIVE"], [f"{code} running"])
+def test_watch_reruns_workers_that_died_of_sigterm(fake_gcloud):
+  # 143: training died of the SIGTERM before it could handle it (its latest checkpoint stands);
+  # like 42, that is a preemption: rerun in place.
+  _story(fake_gcloud, ["ACTIVE", "ACTIVE", "ACTIVE"], ["running running", "143 42", "0 0"])
+  result = _gcp("watch", *WATCH_FLAGS, *MAIN_ARGS)
+  assert result.returncode == 0, result.stderr
+  _assert_calls(fake_gcloud, [DESCRIBE, STATUS, DESCRIBE, STATUS, RUN, DESCRIBE, STATUS])
+  assert "restart 1" in result.stderr and ":143" in result.stderr
+
+
+@pytest.mark.parametrize("code, statuses", [
+    ("2", "2 running"),  # Bad config, data or weights.
+    ("3", "3 running"),  # Diverged.
+    ("3", "42 3"),  # Diverged on one worker while another was preempted: still no rerun.
+])
+def test_watch_does_not_rerun_a_bad_config_or_divergence(fake_gcloud, code, statuses):
+  _story(fake_gcloud, ["NOT_FOUND", "ACTIVE", "ACTIVE"], [statuses])
   result = _gcp("watch", *WATCH_FLAGS, "--delete-when-done", *MAIN_ARGS)
   assert result.returncode == int(code), result.stderr
   _assert_calls(fake_gcloud, [DESCRIBE, CREATE, DESCRIBE, SETUP, RUN, DESCRIBE, STATUS, DELETE])
@@ -208,6 +243,48 @@ def test_watch_gives_up_after_max_restarts(fake_gcloud):
       DESCRIBE,
   ])
   assert "giving up" in result.stderr and "--max-restarts" in result.stderr
+
+
+def test_watch_recovers_a_preempted_multislice(fake_gcloud):
+  # Two v5e-256 slices: one queued resource with --node-count=2; setup, run and status reach
+  # every worker of both nodes; a preemption recreates both slices; the same workdir resumes.
+  _story(fake_gcloud, ["NOT_FOUND", "ACTIVE", "ACTIVE", "PREEMPTED", "ACTIVE", "ACTIVE"],
+         ["running running running running", "0 0 0 0"])
+  result = _gcp("watch", *MS_FLAGS, *MAIN_ARGS)
+  assert result.returncode == 0, result.stderr
+  _assert_calls(fake_gcloud, [_multislice(c) for c in [
+      DESCRIBE, CREATE,
+      DESCRIBE, SETUP, RUN,
+      DESCRIBE, STATUS,
+      DESCRIBE, DELETE, CREATE,
+      DESCRIBE, SETUP, RUN,
+      DESCRIBE, STATUS,
+  ]])
+  run = _calls(fake_gcloud)[4]
+  assert run[-1].endswith(f"--distributed=on --config=configs/pods.py:2xv5e-256 "
+                          f"--workdir={WORKDIR} --config.data.path=gs://my-bucket/images "
+                          "--config.seed=3")
+  assert "2 slices" in result.stderr
+
+
+def test_multislice_step_by_step(fake_gcloud, monkeypatch):
+  monkeypatch.setenv("VAE_NUM_SLICES", "2")  # As the README suggests, for every subcommand.
+  _story(fake_gcloud, ["ACTIVE", "ACTIVE"], ["running running 0 running"])
+  flags_ = [f for f in MS_FLAGS if not f.startswith("--num-slices")]
+  assert _gcp("create", *flags_).returncode == 0
+  assert _gcp("run", *flags_, *MAIN_ARGS).returncode == 0
+  status = _gcp("status")
+  assert status.returncode == 0 and status.stdout.count("vae_status") == 4
+  assert _gcp("logs", "--node=1", "--lines=5").returncode == 0
+  assert _gcp("stop").returncode == 0
+  assert _gcp("delete").returncode == 0
+  _assert_calls(fake_gcloud, [
+      MS_CREATE, DESCRIBE, _multislice(RUN), DESCRIBE, _multislice(STATUS),
+      [*MS_SSH[:-1], "--node=1", "--worker=0", "--quiet",
+       "--command=tail -n 5 ~/vae_scale_logs/worker-*.log"],
+      [*MS_SSH, "--worker=all", "--quiet", "--command=bash ~/vae_scale/launch/tpu_worker.sh stop"],
+      DELETE,
+  ])
 
 
 def test_step_by_step_lifecycle(fake_gcloud):
@@ -254,6 +331,16 @@ def test_dry_run_prints_the_lifecycle_and_runs_nothing(fake_gcloud):
     sub_result = _gcp(sub, "--dry-run", *WATCH_FLAGS)
     assert sub_result.returncode == 0, (sub, sub_result.stderr)
     assert "+ gcloud compute tpus" in sub_result.stdout, sub
+  # Two slices: the same story over a Multislice queued resource.
+  result = _gcp("watch", "--dry-run", *MS_FLAGS, *MAIN_ARGS)
+  assert result.returncode == 0, result.stderr
+  lines = [line for line in result.stdout.splitlines() if line.startswith("+ gcloud ")]
+  creates = [line for line in lines if "queued-resources create" in line]
+  assert len(creates) == 2 and all("--node-count=2 --node-prefix=vae-pod " in c for c in creates)
+  remote = [line for line in lines if "tpu_worker.sh" in line]
+  assert len(remote) == 6
+  assert all(line.startswith("+ gcloud compute tpus queued-resources ssh vae-pod ") and
+             "--node=all --worker=all" in line for line in remote)
   assert not _calls(fake_gcloud)
 
 
@@ -283,6 +370,9 @@ def test_settings_come_from_flags_or_environment(fake_gcloud, monkeypatch):
       "--poll-seconds=soon"], "--poll-seconds"),
     (["launch"], "unexpected argument"),
     (["create", "--colour=red"], "unknown flag --colour"),
+    (["create", "--accelerator-type=v4-32", "--num-slices=0"], "--num-slices"),
+    (["status", "--num-slices=two"], "--num-slices"),
+    (["logs", "--node=first"], "--node"),
     ([], "no subcommand"),
 ])
 def test_usage_errors_exit_2_with_one_clear_line(fake_gcloud, args, message):
@@ -295,7 +385,14 @@ def test_usage_errors_exit_2_with_one_clear_line(fake_gcloud, args, message):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # Stands in for `python -m vae_scale.main ARGS`: records ARGS, then exits FAKE_EXIT, or with
-# FAKE_EXIT=wait runs until SIGTERM and exits 42 like vae_scale.main after its checkpoint.
+# FAKE_EXIT=wait runs until SIGTERM and exits 42 like vae_scale.main after its checkpoint, or
+# with FAKE_EXIT=hang dies of the SIGTERM (vae_scale.main before its handler is in place).
+if [[ "${FAKE_EXIT}" == hang ]]; then
+  echo "main $*" >>"${FAKE_RECORD}"
+  sleep 30 &
+  wait
+  exit 1
+fi
 if [[ "${FAKE_EXIT}" == wait ]]; then
   trap 'echo main got SIGTERM; exit 42' TERM
   echo "main $*" >>"${FAKE_RECORD}"
@@ -354,7 +451,14 @@ def test_worker_start_status_stop(worker):
   assert (worker.tmp / "record").read_text() == "main -m vae_scale.main --config=c.py --workdir=gs://b/r\n"
 
 
-@pytest.mark.parametrize("exit_code", ["0", "2", "1"])
+def test_worker_reports_a_death_by_sigterm_as_143(worker):
+  assert worker("start", "--", "--workdir=gs://b/r", exit_code="hang").returncode == 0
+  _wait_for((worker.tmp / "record").exists)
+  assert worker("stop", "--timeout=10").returncode == 0
+  assert _status(worker) == "143"  # 128 + SIGTERM: the watcher reruns it, like 42.
+
+
+@pytest.mark.parametrize("exit_code", ["0", "2", "3", "1"])
 def test_worker_reports_the_exit_code(worker, exit_code):
   assert worker("start", "--", "--workdir=gs://b/r", exit_code=exit_code).returncode == 0
   _wait_for(lambda: _status(worker) != "running")
@@ -364,17 +468,20 @@ def test_worker_reports_the_exit_code(worker, exit_code):
 # -- gpu_host.sh and slurm.sbatch, run locally with fake python / srun / scontrol ----------------
 
 COUNTING_PYTHON = """#!/usr/bin/env bash
-# Exits with the next code of FAKE_CODES (one per run) and records each run; the code `wait`
-# waits for SIGTERM and exits 42, like vae_scale.main after its checkpoint.
-trap 'exit 42' TERM
+# Exits with the next code of FAKE_CODES (one per run) and records each run. The code `wait`
+# waits for SIGTERM and exits 42, like vae_scale.main after its checkpoint; `hang` waits and
+# dies of the SIGTERM (143, vae_scale.main before its handler is in place); `term` dies of a
+# SIGTERM sent to it alone (143).
 echo "$*" >>"${FAKE_RECORD}"
 runs=$(wc -l <"${FAKE_RECORD}")
 read -r -a codes <<<"${FAKE_CODES}"
-if [[ "${codes[$((runs - 1))]}" == wait ]]; then
-  sleep 30 &
-  wait
-fi
-exit "${codes[$((runs - 1))]}"
+code="${codes[$((runs - 1))]}"
+case "${code}" in
+  wait) trap 'exit 42' TERM; sleep 30 & wait ;;
+  hang) sleep 30 & wait ;;
+  term) kill -TERM $$ ;;
+esac
+exit "${code}"
 """
 
 
@@ -396,7 +503,10 @@ def _gpu_host(tmp_path, codes, terminate=False):
 
 @pytest.mark.parametrize("codes, expected_exit, expected_runs", [
     ("42 42 0", 0, 3),  # Preempted twice, resumed, finished.
+    ("term 42 0", 0, 3),  # Died of a SIGTERM (143), then preempted: both rerun.
     ("2", 2, 1),  # Bad config: not retried.
+    ("3", 3, 1),  # Diverged: not retried.
+    ("137", 137, 1),  # Killed (out of memory, say): a crash, not retried.
     ("1", 1, 1),  # A crash: not retried.
     ("42 42 42 0", 42, 3),  # VAE_MAX_RESTARTS=2 reruns, then gives up.
 ])
@@ -404,17 +514,21 @@ def test_gpu_host_reruns_only_exit_42(tmp_path, codes, expected_exit, expected_r
   assert _gpu_host(tmp_path, codes) == (expected_exit, expected_runs)
 
 
-def test_gpu_host_stops_after_the_checkpoint_when_terminated(tmp_path):
-  assert _gpu_host(tmp_path, "wait 0", terminate=True) == (42, 1)  # Not rerun.
+@pytest.mark.parametrize("codes", ["wait 0", "hang 0"])
+def test_gpu_host_stops_after_the_checkpoint_when_terminated(tmp_path, codes):
+  # Training saved and exited 42, or died of the SIGTERM (143) before it could handle it:
+  # either way the script stops with 42 (run it again to resume) and does not rerun.
+  assert _gpu_host(tmp_path, codes, terminate=True) == (42, 1)
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # Stands in for srun: records its argv, exits FAKE_EXIT, or with FAKE_EXIT=wait waits for the
-# SIGTERM that fake scancel sends and exits 143 (a task killed before it could exit 42).
+# SIGTERM that fake scancel sends and exits FAKE_TERM_EXIT (default 143: a task killed before
+# it could exit 42).
 echo "srun $*" >>"${FAKE_RECORD}"
 if [[ "${FAKE_EXIT}" == wait ]]; then
   echo $$ >"${FAKE_DIR}/srun.pid"
-  trap 'kill "${sleeper}"; exit 143' TERM
+  trap 'kill "${sleeper}"; exit "${FAKE_TERM_EXIT:-143}"' TERM
   sleep 30 &
   sleeper=$!
   wait
@@ -430,7 +544,7 @@ echo "scontrol $*" >>"${FAKE_RECORD}"
 """
 
 
-def _sbatch(tmp_path, exit_code, restart_count="0", signal_after_start=False):
+def _sbatch(tmp_path, exit_code, restart_count="0", signal_after_start=False, term_exit="143"):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   _executable(bin_dir / "srun", FAKE_SRUN)
@@ -439,7 +553,7 @@ def _sbatch(tmp_path, exit_code, restart_count="0", signal_after_start=False):
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_EXIT=exit_code,
              FAKE_DIR=str(tmp_path), FAKE_RECORD=str(tmp_path / "record"), SLURM_JOB_ID="4242",
              SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NTASKS="32", SLURM_JOB_NUM_NODES="4",
-             SLURM_RESTART_COUNT=restart_count, VAE_WORKDIR="/shared/run1",
+             SLURM_RESTART_COUNT=restart_count, VAE_WORKDIR="/shared/run1", FAKE_TERM_EXIT=term_exit,
              VAE_CONFIG="configs/pods.py:gpu8x4")
   proc = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "--config.seed=1"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -454,19 +568,30 @@ def _sbatch(tmp_path, exit_code, restart_count="0", signal_after_start=False):
   return proc.returncode, record[1:], out
 
 
-def test_sbatch_requeues_after_exit_42(tmp_path):
-  code, record, _ = _sbatch(tmp_path, "42")
+@pytest.mark.parametrize("exit_code", ["42", "143"])  # Saved on SIGTERM; died of SIGTERM.
+def test_sbatch_requeues_after_a_preemption(tmp_path, exit_code):
+  code, record, _ = _sbatch(tmp_path, exit_code)
   assert (code, record) == (0, ["scontrol requeue 4242"])
 
 
-def test_sbatch_checkpoints_and_requeues_near_the_time_limit(tmp_path):
-  code, record, out = _sbatch(tmp_path, "wait", signal_after_start=True)
+@pytest.mark.parametrize("term_exit", ["42", "143", "137"])  # 137: SLURM's SIGKILL after KillWait.
+def test_sbatch_checkpoints_and_requeues_near_the_time_limit(tmp_path, term_exit):
+  code, record, out = _sbatch(tmp_path, "wait", signal_after_start=True, term_exit=term_exit)
   assert (code, record) == (0, ["scancel --signal=TERM 4242", "scontrol requeue 4242"]), out
+
+
+@pytest.mark.parametrize("term_exit", ["2", "3"])
+def test_sbatch_never_requeues_a_bad_config_or_divergence(tmp_path, term_exit):
+  # Even when it comes after the time-limit signal: rerunning would fail the same way.
+  code, record, out = _sbatch(tmp_path, "wait", signal_after_start=True, term_exit=term_exit)
+  assert (code, record) == (int(term_exit), ["scancel --signal=TERM 4242"]), out
+  assert "not requeued" in out
 
 
 @pytest.mark.parametrize("exit_code, restart_count, expected", [
     ("0", "0", 0),  # Finished.
     ("2", "0", 2),  # Bad config.
+    ("3", "0", 3),  # Diverged.
     ("1", "0", 1),  # Crash.
     ("42", "20", 42),  # VAE_MAX_REQUEUES (20) used up.
 ])
@@ -481,10 +606,12 @@ def test_sbatch_does_not_requeue(tmp_path, exit_code, restart_count, expected):
 # v5e (v5litepod-N) names count chips, one TensorCore each; v4-N and v5p-N name TensorCores,
 # two per chip, and megacore makes each chip one JAX device (v4-32 = 16 chips = 16 devices).
 DEVICES = {"v5e-8": 8, "v5e-64": 64, "v4-32": 32 // 2, "v5p-128": 128 // 2, "gpu8": 8,
-           "gpu8x4": 4 * 8}
+           "gpu8x4": 4 * 8, "2xv5e-256": 2 * 256}
 # JAX processes: one per TPU VM host (v5e 8 chips, v4 and v5p 4 chips per host), one per GPU
 # under SLURM, one for a single GPU host.
-PROCESSES = {"v5e-8": 1, "v5e-64": 8, "v4-32": 4, "v5p-128": 16, "gpu8": 1, "gpu8x4": 32}
+PROCESSES = {"v5e-8": 1, "v5e-64": 8, "v4-32": 4, "v5p-128": 16, "gpu8": 1, "gpu8x4": 32,
+             "2xv5e-256": 2 * 32}
+SLICES = {"2xv5e-256": 2}  # Multislice variants: slices over DCN; the others are one slice.
 
 
 @pytest.mark.parametrize("variant", sorted(DEVICES))
@@ -509,6 +636,9 @@ def test_pods_lists_exactly_the_tested_variants():
   assert set(pods.SLICES) == set(DEVICES)
   for name, s in pods.SLICES.items():
     assert (s.num_devices, s.num_processes) == (DEVICES[name], PROCESSES[name]), name
+    assert s.num_slices == SLICES.get(name, 1), name
+    # Every slice gets an equal share of devices and of processes.
+    assert s.num_devices % s.num_slices == 0 and s.num_processes % s.num_slices == 0, name
 
 
 @pytest.mark.parametrize("arg", [None, "v5e-65"])

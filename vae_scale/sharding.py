@@ -1,10 +1,21 @@
-"""The device mesh, shardings and global-batch assembly. The only module that knows the mesh layout."""
+"""The device mesh, shardings and global-batch assembly. The only module that knows the mesh layout.
+
+Training is data parallel over one mesh axis, 'data', spanning every device. Its device order
+follows the interconnect: on one TPU slice, `mesh_utils.create_device_mesh` walks the chips'
+ICI torus; across several slices (Multislice), devices are grouped slice by slice
+(`create_hybrid_device_mesh`), so a gradient all-reduce runs within each slice over ICI and
+only then between slices over the slower data-center network (DCN). Models and steps see just
+the one axis.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, Sequence
 
+from absl import logging
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -13,10 +24,41 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def create_mesh(devices: list[Any] | None = None) -> Mesh:
-  """A 1-D data-parallel mesh with axis 'data' over all (global) devices."""
+def slice_index(device: Any) -> int:
+  """The TPU slice a device belongs to; 0 where the platform has no slices (CPU, most GPUs)."""
+  return getattr(device, "slice_index", 0) or 0
+
+
+def device_order(devices: Sequence[Any]) -> np.ndarray:
+  """The devices as a 1-D array in interconnect-friendly order, slice by slice.
+
+  Args:
+    devices: every device of the mesh (e.g. jax.devices()), in any order.
+  Returns:
+    A [len(devices)] object array: slice 0's devices first, then slice 1's, ...; within a slice,
+    the order `mesh_utils.create_device_mesh` picks for a 1-D mesh (the given order on CPU).
+    Devices it cannot place (a subset with holes in the torus, unequal slices) keep their given
+    order within their slice, with a warning.
+  """
+  devices = list(devices)
+  by_slice = [list(group) for _, group in
+              itertools.groupby(sorted(devices, key=slice_index), key=slice_index)]
+  try:
+    if len(by_slice) > 1:
+      per_slice = len(devices) // len(by_slice)
+      ordered = mesh_utils.create_hybrid_device_mesh((per_slice,), (len(by_slice),), devices)
+    else:
+      ordered = mesh_utils.create_device_mesh((len(devices),), devices)
+    return np.asarray(ordered, dtype=object).reshape(-1)
+  except (ValueError, AssertionError, NotImplementedError) as e:
+    logging.warning("Using the given device order within each slice: %s", e)
+    return np.asarray([d for group in by_slice for d in group], dtype=object)
+
+
+def create_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh with axis 'data' over all (global) devices, in `device_order`."""
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  return Mesh(device_order(devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -28,9 +70,32 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def replicate_tree(tree: Any, mesh: Mesh) -> Any:
-  """A replicated sharding for every leaf of a (possibly abstract) pytree."""
+def shardings_for(tree: Any, mesh: Mesh) -> Any:
+  """The sharding of every leaf of a model or train state: the one place that decides it.
+
+  Tools (train, evaluate, encode, bench) take state shardings from here rather than building
+  their own, for `jax.jit(in/out_shardings=...)`, `jax.device_put` and Orbax restore targets
+  (`abstract_target`), so a change of layout (e.g. sharding large parameters) happens once.
+
+  Args:
+    tree: a pytree of arrays or ShapeDtypeStructs (e.g. `jax.eval_shape(init, key)`); None
+      subtrees (an absent EMA) stay None.
+    mesh: the data mesh.
+  Returns:
+    A NamedSharding per leaf: replicated, as data parallelism keeps a full copy per device.
+  """
   return jax.tree.map(lambda _: replicated(mesh), tree)
+
+
+def abstract_target(tree: Any, mesh: Mesh) -> Any:
+  """ShapeDtypeStructs of `tree` carrying `shardings_for(tree, mesh)`: what Orbax restores
+  into, whatever mesh the checkpoint was written from."""
+  return with_shardings(tree, shardings_for(tree, mesh))
+
+
+def replicate_tree(tree: Any, mesh: Mesh) -> Any:
+  """A replicated sharding for every leaf of a (possibly abstract) pytree; `shardings_for`."""
+  return shardings_for(tree, mesh)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -40,7 +105,8 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     local_batch: this process's share, arrays [global_batch / process_count, ...].
     mesh: the data mesh.
   Returns:
-    Arrays of shape [global_batch, ...], sharded on the leading axis.
+    Arrays of shape [global_batch, ...], sharded on the leading axis. A process's rows land on
+    its own devices, wherever the mesh order puts them.
   """
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
