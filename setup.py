@@ -25,16 +25,23 @@ INSTALL_REQUIRES = [
     "scikit-image==0.26.0",
     # Reading and writing Stable Diffusion / diffusers weights (never pickle).
     "safetensors==0.8.0",
+    # The Frechet distance's matrix square root (rFID), as pytorch-fid computes it.
+    "scipy==1.17.1",
 ]
 
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
     ],
-    # Reference implementations for interop and side-by-side benchmarks (CPU build of torch).
+    # Independent references for tests and side-by-side benchmarks: diffusers (interop), the
+    # `lpips` package (LPIPS) and pytorch-fid (rFID). Both of those import torchvision, which
+    # needs the torch release it was built against: torch 2.14.1 with torchvision 0.29.1.
     "torch": [
-        "torch==2.13.0",
+        "torch==2.14.1",
+        "torchvision==0.29.1",
         "diffusers==0.42.1",
+        "lpips==0.1.4",
+        "pytorch-fid==0.3.0",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda13]==0.10.2"],
