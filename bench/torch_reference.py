@@ -5,7 +5,7 @@ r"""The same training step in PyTorch (diffusers `AutoencoderKL`), timed next to
       [--device=auto|cpu|cuda] [--channels_last] [--json_out=PATH]
 
 The model is diffusers' `AutoencoderKL` built from the config's architecture (through
-`vae_scale.convert.diffusers_config_from_autoencoder`, so the parameter names and shapes are the ones
+`vae_scale.interop.diffusers_config.diffusers_config_from_autoencoder`, so the parameter names and shapes are the ones
 vae_scale imports and exports). One step, as vae_scale's autoencoder-only train step:
 posterior sample -> decode -> L1 + ssim_weight * (1 - SSIM) + kl_weight * mean KL per latent element
 (SSIM: 11x11 Gaussian window, sigma 1.5, VALID, as dm_pix), backward, global-norm clipping when the
@@ -108,10 +108,10 @@ def train_metrics(x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor) -> d
 def build_model(config, device: torch.device, seed: int = 0):
   """diffusers AutoencoderKL with the architecture of `config.model` at config.image_size."""
   from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
-  from vae_scale import convert  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import diffusers_config  # pylint: disable=g-import-not-at-top
   from vae_scale.models import AutoencoderConfig  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  cfg = convert.diffusers_config_from_autoencoder(AutoencoderConfig.from_config(config))
+  cfg = diffusers_config.diffusers_config_from_autoencoder(AutoencoderConfig.from_config(config))
   cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
   return AutoencoderKL(**cfg).to(device)
 

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from vae_scale import input_pipeline
 from vae_scale import losses
 from vae_scale import sharding
 from vae_scale import steps
 from vae_scale import train
+from vae_scale.data import pipeline
 from vae_scale.models import DiscriminatorConfig
 from vae_scale.models import NLayerDiscriminator
 
@@ -65,7 +65,7 @@ def _setup(config, adversarial):
   cfg = dataclasses.replace(cfg, adversarial=adversarial)
   assert config.ema_decay > 0
   state = init(jax.random.key(0))
-  batch = next(iter(input_pipeline.create_train_dataset(config, 0, 1)))
+  batch = next(iter(pipeline.create_train_dataset(config, 0, 1)))
   return cfg, state, {"image": jnp.asarray(batch["image"])}
 
 

@@ -14,9 +14,10 @@ from flax import nnx
 from conftest import REPO
 from conftest import load_config
 from conftest import tiny_config
+from vae_scale import bench_costs
 from vae_scale import bench_step
-from vae_scale import convert
 from vae_scale import losses
+from vae_scale.interop import names
 from vae_scale.models import AutoencoderConfig
 from vae_scale.models import AutoencoderKL
 
@@ -38,7 +39,7 @@ def _torch_reference():
 
 
 def test_analytic_macs_match_the_kl_f8_reference():
-  macs = bench_step.analytic_forward_macs(AutoencoderConfig.from_config(load_config("ldm_f8")))
+  macs = bench_costs.analytic_forward_macs(AutoencoderConfig.from_config(load_config("ldm_f8")))
   # DESIGN.md: 447.5 GMAC per 256² image = encoder 136.4 + decoder 311.1.
   assert macs["encoder"] / 1e9 == pytest.approx(136.4, abs=0.05)
   assert macs["decoder"] / 1e9 == pytest.approx(311.1, abs=0.05)
@@ -46,11 +47,11 @@ def test_analytic_macs_match_the_kl_f8_reference():
 
 
 def test_peak_table_knows_accelerators_and_not_cpus():
-  assert bench_step.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
-  assert bench_step.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
-  assert bench_step.peak_tflops("NVIDIA A100-SXM4-80GB", "float32") == 156.0
-  assert bench_step.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
-  assert bench_step.peak_tflops("cpu", "bfloat16") is None
+  assert bench_costs.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert bench_costs.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+  assert bench_costs.peak_tflops("NVIDIA A100-SXM4-80GB", "float32") == 156.0
+  assert bench_costs.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+  assert bench_costs.peak_tflops("cpu", "bfloat16") is None
 
 
 # --------------------------------------------------------------------------- the command
@@ -146,7 +147,7 @@ def test_remat_block_and_level_give_the_same_gradients():
 
 def test_remat_keeps_fewer_activations_for_the_backward_pass():
   """JAX's saved residuals per image (XLA's CPU buffer assignment does not show remat's saving)."""
-  kept = {(remat, dtype): bench_step.activation_bytes_per_image(
+  kept = {(remat, dtype): bench_costs.activation_bytes_per_image(
       tiny_config(**{"model.remat": remat, "model.dtype": dtype}))
           for remat in ("none", "block", "level") for dtype in ("float32", "bfloat16")}
   for dtype in ("float32", "bfloat16"):
@@ -187,7 +188,7 @@ def test_torch_step_computes_vae_scale_loss_on_the_same_weights():
 
   step = torch_ref.TrainStep(config, torch.device("cpu"), compile_model=False)
   state = {k: torch.from_numpy(np.array(v))
-           for k, v in convert.to_diffusers_state_dict(params).items()}
+           for k, v in names.to_diffusers_state_dict(params).items()}
   step.model.load_state_dict(state)
   assert sum(p.numel() for p in step.params) == sum(v.size for v in jax.tree.leaves(params))
   nchw = lambda v: torch.from_numpy(v.transpose(0, 3, 1, 2).copy())

@@ -17,9 +17,10 @@ import pytest
 from conftest import REPO
 from conftest import tiny_config
 from vae_scale import checkpointing
-from vae_scale import input_pipeline
+from vae_scale.data import pipeline
 from vae_scale import local_launch
 from vae_scale import train
+from vae_scale.errors import NonFiniteError
 
 NUM_STEPS = 24
 RUN_FLAGS = [f"--config={REPO / 'tests' / 'tiny_config.py'}",
@@ -63,7 +64,7 @@ def _wait_for_checkpoint(workdir, step, procs, timeout=180):
 
 
 def _params(workdir, step=None):
-  state, got = checkpointing.load_arrays(workdir, step)
+  state, got = checkpointing.read_state(workdir, step)
   return state["params"], state["opt_state"], got
 
 
@@ -152,7 +153,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
   workdir = str(tmp_path)
   train.train_and_evaluate(config, workdir)
-  good, _ = checkpointing.load_arrays(workdir, 2)
+  good, _ = checkpointing.read_state(workdir, 2)
   # Damage the committed checkpoint 4: remove its array data.
   state_dir = os.path.join(workdir, "checkpoints", "4", "state")
   for name in os.listdir(state_dir):
@@ -196,7 +197,7 @@ class _NaNAfter(grain.DatasetIterator):
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
   config = tiny_config(num_train_steps=12, checkpoint_every_steps=2, log_every_steps=1,
                        **{"optimizer.max_consecutive_nonfinite": 3})
-  real = input_pipeline.create_train_dataset
+  real = pipeline.create_train_dataset
 
   class _Dataset:
     def __init__(self, ds):
@@ -205,14 +206,52 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     def __iter__(self):
       return _NaNAfter(iter(self.ds), 4)
 
-  monkeypatch.setattr(input_pipeline, "create_train_dataset",
+  monkeypatch.setattr(pipeline, "create_train_dataset",
                       lambda *a, **k: _Dataset(real(*a, **k)))
-  with pytest.raises(train.NonFiniteError, match="3 consecutive steps up to step 7"):
+  with pytest.raises(NonFiniteError, match="3 consecutive steps up to step 7"):
     train.train_and_evaluate(config, str(tmp_path))
   # Checkpoint 6 was saved during the skipped steps: its parameters are those of step 4, intact.
-  at4, _ = checkpointing.load_arrays(str(tmp_path), 4)
-  at6, _ = checkpointing.load_arrays(str(tmp_path), 6)
+  at4, _ = checkpointing.read_state(str(tmp_path), 4)
+  at6, _ = checkpointing.read_state(str(tmp_path), 6)
   _assert_same(at4["params"], at6["params"])
   for leaf in jax.tree.leaves(at6["params"]):
     assert np.isfinite(leaf).all()
   assert int(at6["opt_state"]["total_notfinite"]) == 2
+
+
+def _launch(workdir, fault=None, timeout=300):
+  """One run of 2 processes x 2 devices under launch/local.sh; returns the launcher's exit code."""
+  env = dict(os.environ, VAE_PYTHON=sys.executable)
+  env.pop("VAE_SCALE_SIGTERM_AT", None)
+  if fault:
+    env["VAE_SCALE_SIGTERM_AT"] = fault
+  cmd = ["bash", str(REPO / "launch" / "local.sh"), "2", "--devices_per_process=2",
+         "--heartbeat_timeout_seconds=10", f"--log_dir={workdir}/logs_{fault or 'clean'}",
+         *RUN_FLAGS, "--config.eval_every_steps=8", f"--workdir={workdir}"]
+  return subprocess.run(cmd, env=env, cwd=REPO, timeout=timeout, capture_output=True,
+                        text=True).returncode
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_in_every_phase_under_the_launcher_exits_42_and_resumes_exactly(
+    tmp_path, uninterrupted):
+  workdir = str(tmp_path)
+  ckpts = lambda: sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                         if s.isdigit()) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+  # Both processes hear the notice in the same phase (as on a pod, where every VM gets it).
+  for fault in ("startup", "compile:1"):
+    assert _launch(workdir, fault) == 42, fault
+    assert ckpts() == [], fault
+  assert _launch(workdir, "step:5") == 42  # The processes agree on a step and both save it.
+  saved = ckpts()[-1]
+  assert 6 <= saved < NUM_STEPS, ckpts()
+  assert _launch(workdir, "restore") == 42 and ckpts()[-1] == saved
+  assert _launch(workdir, "eval:1") == 42 and ckpts()[-1] >= 8, ckpts()
+  at = ckpts()[-1]
+  assert _launch(workdir, "save:1") == 42 and ckpts()[-1] > at, ckpts()
+  assert _launch(workdir) == 0
+  params, opt, step = _params(workdir)
+  assert step == NUM_STEPS
+  _assert_same(uninterrupted[0], params)
+  _assert_same(uninterrupted[1], opt)

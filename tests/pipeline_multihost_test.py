@@ -46,7 +46,7 @@ def _worker(process_id: int, port: int, folder: str, workdir: str, out: str) -> 
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, initialization_timeout=TIMEOUT_S)
   flags.FLAGS.mark_as_parsed()
-  from vae_scale import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("demo", os.path.join(repo, "configs", "demo.py"))
   demo = importlib.util.module_from_spec(spec)
@@ -59,11 +59,11 @@ def _worker(process_id: int, port: int, folder: str, workdir: str, out: str) -> 
   config.global_batch_size = 2 * PER_PROCESS_BATCH
   config.num_eval_images = NUM_FILES
   pi, pc = jax.process_index(), jax.process_count()
-  train = iter(input_pipeline.create_train_dataset(config, pi, pc, workdir=workdir))
+  train = iter(pipeline.create_train_dataset(config, pi, pc, workdir=workdir))
   batches = [next(train) for _ in range(NUM_FILES // (pc * PER_PROCESS_BATCH))]
-  eval_ds = input_pipeline.create_eval_dataset(config, pi, pc, workdir=workdir)
-  eval_seen = [i for b in input_pipeline.eval_batches(config, eval_ds, pc)
-               for i in _indices(b["image"])]
+  eval_ds = pipeline.create_eval_dataset(config, pi, pc, workdir=workdir)
+  eval_seen = [i for b in pipeline.eval_batches(config, eval_ds, pc)
+               for i in _indices(b["image"][b["weight"] > 0])]  # Not the weight-0 padding.
   with open(out, "w") as f:
     json.dump({"process": [pi, pc], "devices": jax.device_count(),
                "train": [i for b in batches for i in _indices(b["image"])],
@@ -72,6 +72,7 @@ def _worker(process_id: int, port: int, folder: str, workdir: str, out: str) -> 
   jax.distributed.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_read_disjoint_shares_that_cover_the_folder(tmp_path):
   folder, workdir = str(tmp_path / "images"), str(tmp_path / "work")
@@ -101,6 +102,7 @@ def test_two_processes_read_disjoint_shares_that_cover_the_folder(tmp_path):
   assert a | b == set(range(NUM_FILES)) and seen[0]["skipped"] == seen[1]["skipped"] == 0
   ea, eb = (set(s["eval"]) for s in seen)
   assert not ea & eb and ea | eb == set(range(NUM_FILES))
+  assert len(seen[0]["eval"]) + len(seen[1]["eval"]) == NUM_FILES  # Each held-out image once.
   assert len(os.listdir(os.path.join(workdir, "file_lists"))) == 2  # One listing + its metadata.
 
 

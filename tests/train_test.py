@@ -1,6 +1,5 @@
 """The real training loop on a tiny config: one step learns, end to end, exact resume, bad input."""
 
-import functools
 import os
 import subprocess
 import sys
@@ -11,26 +10,25 @@ import pytest
 
 from conftest import REPO
 from conftest import tiny_config
+import grain
+import orbax.checkpoint as ocp
+
 from vae_scale import checkpointing
-from vae_scale import input_pipeline
+from vae_scale import programs
 from vae_scale import sharding
-from vae_scale import steps
 from vae_scale import train
+from vae_scale.data import pipeline
 
 
 @pytest.mark.slow
 def test_one_train_step_lowers_the_loss_on_a_fixed_batch():
   config = tiny_config(**{"optimizer.learning_rate": 3e-3})
   mesh = sharding.create_mesh()
-  cfg, init = steps.build(config)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sh = sharding.replicate_tree(abstract, mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+  progs = programs.build(config, mesh)
+  state = progs.init()
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
-  step = jax.jit(functools.partial(steps.train_step, cfg=cfg),
-                 in_shardings=(state_sh, {"image": sharding.batch_sharding(mesh)}),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  local = next(iter(input_pipeline.create_train_dataset(config, 0, 1)))
+  step = progs.ae_step
+  local = next(iter(pipeline.create_train_dataset(config, 0, 1)))
   batch = sharding.global_batch({"image": local["image"]}, mesh)
   losses = []
   for _ in range(5):
@@ -67,16 +65,15 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
 
   # The iterator saved at step 2 continues with exactly the batch an uninterrupted stream
   # yields third.
-  fresh = iter(input_pipeline.create_train_dataset(config, 0, 1))
+  fresh = iter(pipeline.create_train_dataset(config, 0, 1))
   third = [next(fresh) for _ in range(3)][-1]
-  restored = iter(input_pipeline.create_train_dataset(config, 0, 1))
+  restored = iter(pipeline.create_train_dataset(config, 0, 1))
   manager = checkpointing.create_manager(str(run), config)
-  mesh = sharding.create_mesh()
-  abstract = jax.eval_shape(lambda: resumed)
-  checkpointing.restore(manager, 2, sharding.with_shardings(
-      abstract, sharding.replicate_tree(abstract, mesh)), restored)
+  manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
   np.testing.assert_array_equal(next(restored)["image"], third["image"])
   manager.close()
+  # The run's config is stored with every checkpoint, in the same commit.
+  assert checkpointing.stored_config(run / "checkpoints", 4)["num_train_steps"] == 4
 
 
 def _main(tmp_path, *overrides):
@@ -109,7 +106,7 @@ def test_missing_folder_fails_with_one_line(tmp_path):
 def test_init_from_another_run_and_freeze_encoder_trains_the_decoder_only(tmp_path):
   source = str(tmp_path / "source")
   train.train_and_evaluate(tiny_config(num_train_steps=2), source)
-  start, _ = checkpointing.load_arrays(source)
+  start, _ = checkpointing.read_state(source)
   config = tiny_config(num_train_steps=2, init_from=source, freeze_encoder=True,
                        **{"optimizer.name": "adamw", "optimizer.weight_decay": 0.1})
   state = train.train_and_evaluate(config, str(tmp_path / "finetune"))

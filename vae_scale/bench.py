@@ -2,7 +2,7 @@ r"""Benchmarks, one subcommand each.
 
   python -m vae_scale.bench data [--dir DIR] [--workers 0,1,2] [--batch_size 64] ...
 
-`data`: images/s of the real train pipeline (`input_pipeline.create_train_dataset` on a folder of
+`data`: images/s of the real train pipeline (`data.pipeline.create_train_dataset` on a folder of
 JPEGs, for several Grain worker counts) against a bare PIL loop (open, convert RGB, resize the
 shorter side, random crop, flip, to float) on the same files, per wall-clock second and per
 CPU-second of the whole process tree (trainer + workers), and how many train steps per second of
@@ -27,6 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
+
+from vae_scale import cli
+from vae_scale import errors
 
 # --------------------------------------------------------------------------- CPU accounting
 
@@ -163,8 +166,9 @@ def _pipeline_config(folder: str, image_size: int, batch_size: int, workers: int
 
 def _time_pipeline(config, seconds: float, warmup_seconds: float) -> dict[str, float]:
   """Images per wall and per CPU second (this process + its workers) of the train stream."""
-  from vae_scale import input_pipeline  # pylint: disable=g-import-not-at-top
-  it = iter(input_pipeline.create_train_dataset(config, 0, 1))
+  from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vae_scale.data import skipping  # pylint: disable=g-import-not-at-top
+  it = iter(pipeline.create_train_dataset(config, 0, 1))
   end, warm = time.perf_counter() + warmup_seconds, 0
   while time.perf_counter() < end or warm < 2:
     next(it)
@@ -172,7 +176,7 @@ def _time_pipeline(config, seconds: float, warmup_seconds: float) -> dict[str, f
   batches, skipped = 0, 0
   t0, c0 = time.perf_counter(), tree_cpu_seconds()
   while time.perf_counter() - t0 < seconds:
-    skipped += int(next(it)[input_pipeline.SKIPPED_KEY].sum())
+    skipped += int(next(it)[skipping.SKIPPED_KEY].sum())
     batches += 1
   wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
   n = batches * config.global_batch_size
@@ -208,7 +212,8 @@ def _versions() -> str:
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
   """The `data` benchmark; prints a Markdown table and returns the figures."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from vae_scale import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vae_scale.data import file_lists  # pylint: disable=g-import-not-at-top
+  from vae_scale.errors import DataError  # pylint: disable=g-import-not-at-top
   from vae_scale import transforms  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags.
     flags.FLAGS.mark_as_parsed()
@@ -220,13 +225,13 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
     folder = tmp.name
   width, height = (int(v) for v in args.photo_size.lower().split("x"))
   try:
-    have = len(input_pipeline.list_image_files(folder))
-  except input_pipeline.DataError:
+    have = len(file_lists.list_image_files(folder))
+  except DataError:
     have = 0
   if have < args.num_images and not args.dir or have == 0:
     print(f"Writing {args.num_images} {width}x{height} JPEGs to {folder} ...", flush=True)
     write_sample_jpegs(folder, args.num_images, width, height)
-  files = input_pipeline.list_image_files(folder)
+  files = file_lists.list_image_files(folder)
   size, cores = args.image_size, os.cpu_count()
   print(f"{len(files)} files in {folder}; crop {size}; per-host batch {args.batch_size}; "
         f"{cores} CPU cores; {_versions()}", flush=True)
@@ -319,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
   for name, (help_text, _) in FLAG_COMMANDS.items():
     sub.add_parser(name, help=help_text, add_help=False)
   args = parser.parse_args(argv)
-  COMMANDS[args.command][2](args)
+  try:
+    COMMANDS[args.command][2](args)
+  except errors.Error as e:
+    return cli.report(e)
   return 0
 
 

@@ -21,11 +21,9 @@ compiles and runs (or, with `--memory_limit_gb`, whose XLA buffer estimate fits 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -33,133 +31,16 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from vae_scale import bench_costs
+from vae_scale import cli
 from vae_scale import config_lib
-from vae_scale import losses
+from vae_scale import errors
+from vae_scale import programs
 from vae_scale import sharding
-from vae_scale import steps
 from vae_scale.models import AutoencoderConfig
-from vae_scale.models import AutoencoderKL
 
 VARIANTS = ("ae", "gan")
-
-# Dense peak TFLOP/s per device: (lower-case substring of device_kind, bfloat16, float32). float32
-# on NVIDIA Ampere/Hopper is the TF32 tensor-core peak (JAX's default precision lets XLA use TF32 for
-# float32 convolutions and matmuls); TPUs run float32 matmuls as bfloat16 passes at default precision.
-# First match wins, so the more specific names come first.
-PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("h100 pcie", 756.0, 378.0),
-    ("h100", 989.0, 494.7),  # SXM (device_kind "NVIDIA H100 80GB HBM3").
-    ("h200", 989.0, 494.7),
-    ("gh200", 989.0, 494.7),
-    ("h800", 989.0, 494.7),
-    ("a100", 312.0, 156.0),
-    ("l4", 121.0, 60.0),
-    ("tpu v4", 275.0, 275.0),
-    ("tpu v5 lite", 197.0, 197.0),  # v5e.
-    ("tpu v5e", 197.0, 197.0),
-    ("tpu v5p", 459.0, 459.0),
-    ("tpu v5", 459.0, 459.0),  # v5p reports "TPU v5".
-    ("tpu v6 lite", 918.0, 918.0),  # v6e (Trillium).
-    ("tpu v6e", 918.0, 918.0),
-)
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  """The table's dense peak TFLOP/s of one device for `dtype`, or None (CPU, unknown devices)."""
-  kind = device_kind.lower()
-  for name, bf16, f32 in PEAK_TFLOPS:
-    if name in kind:
-      return bf16 if dtype == "bfloat16" else f32
-  return None
-
-
-# --------------------------------------------------------------------------- analytic cost
-
-
-def analytic_forward_macs(cfg: AutoencoderConfig) -> dict[str, int]:
-  """Multiply-accumulates of one image's forward pass through convolutions and attention matmuls.
-
-  An independent count (from the architecture, not from XLA) to cross-check XLA's cost analysis;
-  normalization, activations and the loss are not counted. For KL-f8 at 256²: encoder 136.4 G,
-  decoder 311.1 G.
-
-  Returns:
-    {'encoder', 'decoder', 'quant', 'total'} in MACs per image.
-  """
-  def conv(k: int, cin: int, cout: int, res: int) -> int:
-    return k * k * cin * cout * res * res
-
-  def resnet(cin: int, cout: int, res: int) -> int:
-    return (conv(3, cin, cout, res) + conv(3, cout, cout, res) +
-            (conv(1, cin, cout, res) if cin != cout else 0))
-
-  def attn(c: int, res: int) -> int:
-    n = res * res
-    return 4 * n * c * c + 2 * n * n * c  # q, k, v, out projections; q.k and weights.v.
-
-  widths = [cfg.ch * m for m in cfg.ch_mult]
-  moments = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
-  enc, res, cin = conv(3, cfg.in_channels, cfg.ch, cfg.resolution), cfg.resolution, cfg.ch
-  for level, cout in enumerate(widths):
-    for i in range(cfg.num_res_blocks):
-      enc += resnet(cin if i == 0 else cout, cout, res)
-      enc += attn(cout, res) if res in cfg.attn_resolutions else 0
-    cin = cout
-    if level < len(widths) - 1:
-      res //= 2
-      enc += conv(3, cout, cout, res)
-  mid = 2 * resnet(widths[-1], widths[-1], res) + (attn(widths[-1], res) if cfg.mid_attention else 0)
-  enc += mid + conv(3, widths[-1], moments, res)
-
-  dec = conv(3, cfg.z_channels, widths[-1], res) + mid
-  cin = widths[-1]
-  for level, cout in enumerate(widths[::-1]):
-    for i in range(cfg.num_res_blocks + 1):
-      dec += resnet(cin if i == 0 else cout, cout, res)
-      dec += attn(cout, res) if res in cfg.attn_resolutions else 0
-    cin = cout
-    if level < len(widths) - 1:
-      res *= 2
-      dec += conv(3, cout, cout, res)
-  dec += conv(3, widths[0], cfg.out_channels, res)
-  latent = cfg.resolution // 2 ** (len(widths) - 1)
-  quant = (conv(1, moments, moments, latent) if cfg.double_z else 0) + conv(
-      1, cfg.z_channels, cfg.z_channels, latent)
-  return {"encoder": enc, "decoder": dec, "quant": quant, "total": enc + dec + quant}
-
-
-def analytic_train_flops_per_image(cfg: AutoencoderConfig) -> float:
-  """≈ 6 x forward MACs: 2 FLOPs per MAC, times forward + input gradient + weight gradient."""
-  return 6.0 * analytic_forward_macs(cfg)["total"]
-
-
-def activation_bytes_per_image(config) -> int:
-  """Bytes per image that the autoencoder's forward pass and loss keep for the backward pass.
-
-  JAX's residuals of the loss's VJP (traced, nothing compiled or allocated), at batch 2 minus batch
-  1 so that the weights drop out: what `model.remat` trades for recomputation. XLA may still fuse
-  some away or (on GPU/TPU under memory pressure) rematerialize more; the CPU compiler's buffer
-  assignment does not show the saving, so this is the platform-independent measure.
-  """
-  model_cfg = AutoencoderConfig.from_config(config)
-  size = config.image_size
-
-  def residual_bytes(batch: int) -> int:
-    def vjp_fn(x):
-      graphdef, params = nnx.split(AutoencoderKL(model_cfg, rngs=nnx.Rngs(0)))
-
-      def loss(p):
-        recon, post, _ = nnx.merge(graphdef, p).forward_with_features(x, jax.random.key(0))
-        return losses.autoencoder_loss(x, recon, post, l1_weight=1.0, ssim_weight=1.0,
-                                       kl_weight=1.0)[0]
-      return jax.vjp(loss, params)[1]
-    shapes = jax.eval_shape(vjp_fn, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
-    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
-
-  return residual_bytes(2) - residual_bytes(1)
-
 
 # --------------------------------------------------------------------------- the step
 
@@ -169,7 +50,7 @@ class StepProgram:
   """A compiled train step and what it needs to run."""
 
   compiled: Any
-  init: Any  # jitted root key -> sharded TrainState.
+  init: Any  # jitted () -> sharded TrainState.
   batch_sharding: Any
   global_batch: int
   lower_s: float
@@ -197,19 +78,13 @@ def lower_step(config, variant: str, global_batch: int, devices: Sequence[Any]):
   mesh = sharding.create_mesh(list(devices))
   # The AE step carries the discriminator's state when the run has one (as in train.py); the GAN
   # step always needs it, even for configs (demo) whose runs disable it.
-  step_cfg, init = steps.build(config, with_disc=config.disc.enabled or variant == "gan")
-  step_cfg = dataclasses.replace(step_cfg, adversarial=variant == "gan")
-
-  abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
-  state_sharding = sharding.replicate_tree(abstract_state, mesh)
-  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  step = jax.jit(functools.partial(steps.train_step, cfg=step_cfg),
-                 in_shardings=(state_sharding, {"image": batch_sh}),
-                 out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  progs = programs.build(config, mesh, with_disc=config.disc.enabled or variant == "gan")
+  step = progs.gan_step if variant == "gan" else progs.ae_step
   size = config.image_size
-  images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=batch_sh)
-  lowered = step.lower(sharding.with_shardings(abstract_state, state_sharding), {"image": images})
-  return lowered, jax.jit(init, out_shardings=state_sharding), batch_sh
+  images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32,
+                                sharding=progs.batch_sharding)
+  lowered = step.lower(progs.abstract_state, {"image": images})
+  return lowered, progs.init, progs.batch_sharding
 
 
 def compile_step(config, variant: str, global_batch: int, devices: Sequence[Any]) -> StepProgram:
@@ -220,43 +95,6 @@ def compile_step(config, variant: str, global_batch: int, devices: Sequence[Any]
   start = time.perf_counter()
   compiled = lowered.compile()
   return StepProgram(compiled, init, batch_sh, global_batch, lower_s, time.perf_counter() - start)
-
-
-def _cost(analysis: Any) -> dict[str, float]:
-  if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
-    analysis = analysis[0] if analysis else {}
-  return dict(analysis or {})
-
-
-def xla_flops(stage: Any) -> float | None:
-  """FLOPs of one device's program, from XLA's cost analysis of a Lowered or Compiled stage."""
-  try:
-    flops = _cost(stage.cost_analysis()).get("flops")
-  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
-    return None
-  return float(flops) if flops is not None else None
-
-
-def xla_memory(compiled: Any) -> dict[str, int] | None:
-  """XLA's buffer sizes of one device's program; `total` = arguments + outputs - aliased + temps."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if m is None:
-    return None
-  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
-
-
-def device_peak_bytes(device: Any) -> int | None:
-  """The runtime's peak bytes in use on `device` since the process started (None on CPU)."""
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
 def synthetic_batch(program: StepProgram, image_size: int, seed: int) -> dict[str, jax.Array]:
@@ -274,7 +112,7 @@ def time_steps(program: StepProgram, config, num_steps: int, warmup: int
   Returns:
     (seconds per timed step, the last step's loss).
   """
-  state = program.init(jax.random.key(config.seed))
+  state = program.init()
   batch = synthetic_batch(program, config.image_size, config.seed + 1)
   metrics = None
   for _ in range(warmup):
@@ -296,14 +134,14 @@ def benchmark_variant(config, variant: str, *, batch_per_device: int, num_steps:
   """Compiles and times one variant; the result is one row of the report."""
   n = len(devices)
   program = compile_step(config, variant, batch_per_device * n, devices)
-  flops_step = xla_flops(program.compiled)
+  flops_step = bench_costs.xla_flops(program.compiled)
   if config.model.remat == "none":
     model_flops_step = flops_step
   else:  # The same step without recomputation (lowered only: no second compile).
     plain = config.copy_and_resolve_references()
     plain.model.remat = "none"
-    model_flops_step = xla_flops(lower_step(plain, variant, batch_per_device * n, devices)[0])
-  memory = xla_memory(program.compiled)
+    model_flops_step = bench_costs.xla_flops(lower_step(plain, variant, batch_per_device * n, devices)[0])
+  memory = bench_costs.xla_memory(program.compiled)
   times, loss = time_steps(program, config, num_steps, warmup)
   median = statistics.median(times) if times else float("nan")
   per_image = lambda f: f / batch_per_device if f is not None else None
@@ -320,7 +158,7 @@ def benchmark_variant(config, variant: str, *, batch_per_device: int, num_steps:
       "peak_tflops_per_device": peak,
       "mfu": (model_flops_step / median / (peak * 1e12)) if model_flops_step and peak else None,
       "hfu": (flops_step / median / (peak * 1e12)) if flops_step and peak else None,
-      "xla_memory_bytes": memory, "device_peak_bytes": device_peak_bytes(devices[0]),
+      "xla_memory_bytes": memory, "device_peak_bytes": bench_costs.device_peak_bytes(devices[0]),
       "final_loss": loss, "finite": math.isfinite(loss),
   }
   del program
@@ -344,7 +182,7 @@ def batch_fits(config, variant: str, batch_per_device: int, devices: Sequence[An
   info: dict[str, Any] = {"batch_per_device": batch_per_device}
   try:
     program = compile_step(config, variant, batch_per_device * len(devices), devices)
-    memory = xla_memory(program.compiled)
+    memory = bench_costs.xla_memory(program.compiled)
     info["xla_memory_total_bytes"] = memory["total"] if memory else None
     if memory_limit_bytes is not None and memory and memory["total"] > memory_limit_bytes:
       info["fits"] = False
@@ -400,14 +238,6 @@ def find_max_batch(config, variant: str, devices: Sequence[Any], *, max_batch: i
 # --------------------------------------------------------------------------- report
 
 
-def versions() -> dict[str, str]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__}
-
-
 def run(config, *, variants: Sequence[str] = VARIANTS, batch_per_device: int | None = None,
         num_steps: int = 10, warmup: int = 2, num_devices: int | None = None,
         peak: float | None = None, max_batch: int = 0, memory_limit_bytes: int | None = None,
@@ -432,15 +262,15 @@ def run(config, *, variants: Sequence[str] = VARIANTS, batch_per_device: int | N
     batch_per_device = max(1, config.global_batch_size // n)
   dtype = config.model.dtype
   kind = devices[0].device_kind
-  peak = peak or peak_tflops(kind, dtype)
+  peak = peak or bench_costs.peak_tflops(kind, dtype)
   model_cfg = AutoencoderConfig.from_config(config)
   report: dict[str, Any] = {
       "device": {"platform": devices[0].platform, "device_kind": kind, "num_devices": n},
-      "versions": versions(), "image_size": config.image_size, "dtype": dtype,
+      "versions": bench_costs.versions(), "image_size": config.image_size, "dtype": dtype,
       "remat": config.model.remat, "batch_per_device": batch_per_device,
-      "analytic_forward_gmac_per_image": analytic_forward_macs(model_cfg)["total"] / 1e9,
-      "analytic_train_gflop_per_image": analytic_train_flops_per_image(model_cfg) / 1e9,
-      "activation_bytes_per_image": activation_bytes_per_image(config),
+      "analytic_forward_gmac_per_image": bench_costs.analytic_forward_macs(model_cfg)["total"] / 1e9,
+      "analytic_train_gflop_per_image": bench_costs.analytic_train_flops_per_image(model_cfg) / 1e9,
+      "activation_bytes_per_image": bench_costs.activation_bytes_per_image(config),
       "results": [],
   }
   for variant in variants:
@@ -545,9 +375,11 @@ def main(argv: Sequence[str]) -> int:
   try:
     fv, config, overrides = parse_args(argv)
     config_lib.validate(_with_batch(config, config.global_batch_size))
-  except (flags.Error, config_lib.ConfigError) as e:
+  except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except errors.Error as e:
+    return cli.report(e)
   variants = VARIANTS if fv.adversarial == "both" else (fv.adversarial,)
   report = run(config, variants=variants, batch_per_device=fv.batch_per_device or None,
                num_steps=fv.steps, warmup=fv.warmup, num_devices=fv.num_devices or None,

@@ -1,57 +1,75 @@
-"""One Orbax CheckpointManager per run: the train state and the Grain iterator saved together, async.
+"""Checkpoints own resume: one Orbax CheckpointManager per run, restore-or-init, save-or-stop.
 
-Reliability rules: a checkpoint exists only once Orbax has committed it (written to a temporary
-directory, then renamed), so a run killed mid-save leaves a temporary directory that is ignored and
-cleaned up on the next start. If the latest committed checkpoint cannot be restored (files missing or
-corrupted afterwards), restore falls back to the previous one with a warning, and moves the damaged
-one to `workdir/checkpoints_damaged/` so the run can save that step again.
+Each checkpoint `WORKDIR/checkpoints/<step>/` holds three items committed together: `state` (the
+TrainState), `data` (the Grain iterator position) and `config` (the run's config as JSON). The loop
+calls `restore_or_init` once and `save_or_stop` after every step.
+
+Reliability rules:
+- A checkpoint exists only once Orbax has committed it (written to a temporary directory, then
+  renamed), so a run killed mid-save leaves a temporary directory that is ignored and cleaned up.
+- Damage is not difference. A checkpoint whose own files are missing, unreadable or inconsistent is
+  moved to `WORKDIR/checkpoints_damaged/` and the previous one is restored. A checkpoint that is
+  fine but was written under another config (EMA or the discriminator switched, another
+  `freeze_encoder`, other hyperparameters, another data source) is reconciled with the current one
+  (see `reconcile`); one of another architecture is refused with one line. Nothing valid is ever
+  moved or deleted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vae_scale import input_pipeline
+from vae_scale import reconcile
+from vae_scale import state_tree
+from vae_scale.errors import ConversionError
+from vae_scale.errors import DataError
+from vae_scale.errors import Preempted
+
+ITEMS = ("state", "data", "config")
 
 
-def create_manager(workdir: str, config) -> ocp.CheckpointManager:
+def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """An asynchronous manager under `workdir/checkpoints` keeping the latest N checkpoints."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.max_checkpoints_to_keep,
-      create=True,
-      enable_async_checkpointing=True,
-      cleanup_tmp_directories=True,  # Half-written saves of a killed run.
-  )
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=("state", "data"),
+      max_to_keep=config.max_checkpoints_to_keep, create=True, enable_async_checkpointing=True,
+      cleanup_tmp_directories=True)  # Half-written saves of a killed run.
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=ITEMS,
                                options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any) -> None:
-  """Starts saving `state` (after `step` steps) and the iterator position; returns once the arrays
-  are copied off the devices, so the state may be donated right after."""
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
+         config: ml_collections.ConfigDict) -> None:
+  """Starts saving `state` (after `step` steps), the iterator position and the config; returns
+  once the arrays are copied off the devices, so the state may be donated right after."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+      state=ocp.args.PyTreeSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(json.loads(reconcile.config_to_json(config)))), force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iter: Any) -> Any:
-  """Restores checkpoint `step` into arrays with the shardings of `abstract_state`, and the
-  iterator in place. Returns the state."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
-  logging.info("Restored checkpoint %d from %s", step, manager.directory)
-  return restored["state"]
+def stored_config(directory: epath.PathLike, step: int) -> dict[str, Any] | None:
+  """The config saved with checkpoint `step` (None: written before configs were stored)."""
+  path = epath.Path(directory) / str(step) / "config" / "metadata"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stored_tree(directory: epath.Path, step: int) -> Any:
+  md = ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / "state")
+  return getattr(md, "tree", md)
 
 
 def _all_ok(ok: bool) -> bool:
@@ -62,8 +80,10 @@ def _all_ok(ok: bool) -> bool:
   return bool(np.all(flags))
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
+def _quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> None:
   """Moves a damaged checkpoint out of the manager's directory (process 0), then syncs."""
+  logging.warning("Checkpoint at step %d is damaged and cannot be restored (%s); falling back to "
+                  "the previous checkpoint.", step, why)
   if jax.process_index() == 0:
     src = epath.Path(manager.directory) / str(step)
     dst_dir = epath.Path(manager.directory).parent / "checkpoints_damaged"
@@ -77,50 +97,281 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> None:
   manager.reload()
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   make_data_iter) -> tuple[Any, Any, int] | None:
-  """Restores the newest checkpoint that loads, falling back past damaged ones.
+# --------------------------------------------------------------------------- restore or init
+
+
+@dataclasses.dataclass
+class Resumed:
+  """What `restore_or_init` hands the loop."""
+
+  state: Any
+  data_iter: Any
+  step: int  # Steps already trained (0 for a fresh run).
+
+
+def _restore_stored(manager: ocp.CheckpointManager, step: int, stored_tree: Any,
+                    sharding: Any, data_iter: Any | None) -> tuple[Any, Any]:
+  """The state as stored (dicts and lists, whatever its structure), each array placed with
+  `sharding` on the current mesh (never gathered on one device), and the iterator position."""
+  restore_args = jax.tree.map(
+      lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype),
+      stored_tree)
+  items = {"state": ocp.args.PyTreeRestore(restore_args=restore_args)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  return manager.restore(step, args=ocp.args.Composite(**items))["state"], data_iter
+
+
+def restore_or_init(manager: ocp.CheckpointManager, *, config: ml_collections.ConfigDict,
+                    workdir: str, abstract_state: Any, init: Callable[[], Any],
+                    make_data_iter: Callable[[], Any], replicated: Any,
+                    init_params: Any = None) -> Resumed:
+  """Restores the newest usable checkpoint, reconciled with `config`, or initialises a fresh run.
 
   Args:
     manager: the run's manager.
-    abstract_state: ShapeDtypeStructs with shardings (the restore target).
-    make_data_iter: returns a fresh data iterator to restore the position into.
+    config: the current run config (compared with the one stored with the checkpoint).
+    workdir: the run directory (for messages and the resume log).
+    abstract_state: ShapeDtypeStructs (with shardings) of the state `config` builds.
+    init: builds a fresh, sharded state (jitted); used for a fresh run and for the parts a
+      checkpoint lacks (the discriminator switched on, say).
+    make_data_iter: a fresh data iterator at the start of the stream.
+    replicated: the sharding of every restored array.
+    init_params: autoencoder params to start a fresh run from (config.init_from), or None.
   Returns:
-    (state, data_iter, step), or None when there is no usable checkpoint.
+    The state, the data iterator at its saved position and the step.
+  Raises:
+    ConfigError: the checkpoint holds another architecture (nothing on disk is touched).
+    DataError: the data iterator state cannot be restored by this process layout.
   """
+  directory = epath.Path(manager.directory)
+  wanted = state_tree.leaf_shapes(abstract_state)
+  pi, pc = jax.process_index(), jax.process_count()
   for step in sorted(manager.all_steps(), reverse=True):
-    data_iter = make_data_iter()
     try:
-      state, error = restore(manager, step, abstract_state, data_iter), None
-    except input_pipeline.DataError:
+      stored_tree, old_config, error = _stored_tree(directory, step), stored_config(directory,
+                                                                                   step), None
+    except Exception as e:  # pylint: disable=broad-except
+      stored_tree, old_config, error = None, None, e
+    if not _all_ok(error is None):
+      _quarantine(manager, step, f"{type(error).__name__}: {str(error).splitlines()[0]}" if error
+                  else "another process could not read it")
+      continue
+    stored = state_tree.leaf_shapes(stored_tree)
+    if old_config is not None:  # Names exact differences; refuses another architecture.
+      plan = reconcile.reconcile(old_config, config, step, workdir)
+    else:  # Written before configs were stored: the tree says what differs.
+      plan = reconcile.Plan(step, reset_data=False)
+      state_tree.log_difference(step, stored, wanted)
+    if any(stored.get(k) != s for k, s in wanted.items() if k.startswith("params/")) or any(
+        k.startswith("params/") and k not in wanted for k in stored):
+      raise state_tree.architecture_refusal(workdir, step, stored, wanted)
+    plan.log()
+    reconcile.append_resume_log(workdir, step, plan, enabled=pi == 0)
+    data_iter = None if plan.reset_data else make_data_iter()
+    if data_iter is not None:
+      check_iterator_state(directory / str(step) / "data", pi, pc,
+                           num_workers=config.data.num_workers)
+    try:
+      raw, data_iter = _restore_stored(manager, step, stored_tree, replicated, data_iter)
+      state = state_tree.reset_moments(state_tree.graft(abstract_state, raw, init), plan)
+      error = None
+    except DataError:
       raise  # A data-layout mismatch is the user's to resolve, not a damaged checkpoint.
     except Exception as e:  # pylint: disable=broad-except
       state, error = None, e
     if _all_ok(error is None):
-      return state, data_iter, step
-    logging.warning("Checkpoint at step %d is damaged and cannot be restored (%s: %s); falling "
-                    "back to the previous checkpoint.", step, type(error).__name__ if error else
-                    "another process failed", str(error).splitlines()[0] if error else "")
-    _quarantine(manager, step)
-  return None
+      logging.info("Restored checkpoint %d from %s", step, directory)
+      return Resumed(state, data_iter if data_iter is not None else make_data_iter(), step)
+    _quarantine(manager, step, f"{type(error).__name__}: {str(error).splitlines()[0]}" if error
+                else "another process failed to restore it")
+  state = init()
+  if init_params is not None:
+    params = jax.device_put(init_params, replicated)
+    state = state.replace(params=params, ema_params=(
+        jax.tree.map(jax.numpy.copy, params) if state.ema_params is not None else None))
+    logging.info("Initialized the autoencoder from %s", config.init_from)
+  return Resumed(state, make_data_iter(), 0)
 
 
-def load_arrays(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """Reads a checkpoint's train state as host numpy arrays (no devices, any topology).
+# --------------------------------------------------------------------------- data iterator
 
-  For tools and tests that inspect a run (evaluate, export, comparisons).
 
-  Returns:
-    (state as a nested dict of numpy arrays, its step).
+_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+def iterator_process_count(data_dir: str | os.PathLike) -> int | None:
+  """How many processes wrote the Grain iterator state in `data_dir` (None: no state there)."""
+  d = epath.Path(data_dir)
+  if not d.is_dir():
+    return None
+  counts = {int(m.group(2)) for p in d.iterdir() if (m := _PROCESS_FILE.search(p.name))}
+  return max(counts) if counts else None
+
+
+def _processes(n: int) -> str:
+  return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _workers_in_state(state: dict[str, Any]) -> int | None:
+  """Grain worker processes that wrote an iterator state (best effort; None: unknown format)."""
+  if "iterators_in_use_states" in state:  # mp_prefetch: one interleaved iterator per worker.
+    return len(state["iterators_in_use_states"])
+  return 0 if "parent" in state else None
+
+
+def check_iterator_state(data_dir: str | os.PathLike, process_index: int,
+                              process_count: int, reset_option: str | None = None,
+                              num_workers: int | None = None) -> None:
+  """Raises a DataError if the iterator state in `data_dir` can't be restored by this process.
+
+  Grain writes one `process_{i}-of-{n}.json` per process (checkpoint `<step>/data/`); a run with a
+  different process count would otherwise fail with a bare "File ... does not exist".
+
+  Args:
+    data_dir: the checkpoint's Grain item directory, e.g. WORKDIR/checkpoints/1000/data.
+    process_index, process_count: this process (jax.process_index(), jax.process_count()).
+    reset_option: the setting that makes the trainer restore the model without the iterator, to
+      name in the message (e.g. '--config.data.reset_iterator_on_mismatch=True').
+    num_workers: config.data.num_workers of this run: a different count of the run that wrote the
+      state resumes, but not exactly (Grain's workers split the stream differently), so it is
+      logged as a warning.
+  Raises:
+    DataError: the state was written by a different process count, or this process's is missing.
   """
+  d = epath.Path(data_dir)
+  mine = d / f"process_{process_index}-of-{process_count}.json"
+  if mine.exists():
+    if num_workers is not None:
+      try:
+        written = _workers_in_state(json.loads(mine.read_text()))
+      except (OSError, ValueError):
+        written = None  # The restore itself reports an unreadable state.
+      if written is not None and written != num_workers:
+        logging.warning(
+            "The data iterator checkpoint in %s was written with data.num_workers=%d and this run "
+            "has %d: it resumes, but the order of the examples differs from an uninterrupted run. "
+            "Set --config.data.num_workers=%d for an exact resume.", d, written, num_workers,
+            written)
+    return
+  written = iterator_process_count(d)
+  if written is None:
+    return  # No iterator state at all: nothing to mismatch (the restore reports what is missing).
+  reset = (f"pass {reset_option}" if reset_option else
+           "restore the model state without the data iterator")
+  if written != process_count:
+    raise DataError(
+        f"The data iterator checkpoint in {d} was written by {_processes(written)}, but this run "
+        f"has {process_count}. Each process saved its own position in its own share of the data, "
+        f"and those positions do not carry over to a different process count. Either rerun with "
+        f"{_processes(written)} (hosts), or {reset} to keep the trained model and restart the data "
+        "stream from its beginning (epoch 0 of the seeded shuffle, split over the new process "
+        "count).")
+  raise DataError(f"The data iterator checkpoint in {d} has no state for process "
+                  f"{process_index} of {process_count} (process_{process_index}-of-"
+                  f"{process_count}.json is missing; the checkpoint is incomplete). Restore an "
+                  f"earlier step, or {reset}.")
+
+
+# --------------------------------------------------------------------------- save or stop
+
+
+def save_or_stop(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
+                 config: ml_collections.ConfigDict, *, last: bool, preempted: bool,
+                 before_save: Callable[[int], None] | None = None) -> None:
+  """Saves on the checkpoint interval, at the last step, and when preempted; then, if preempted,
+  waits for the save to commit and raises `Preempted(step)` (exit 42: rerun to resume).
+
+  Args:
+    before_save: called with the step just before a save starts (fault injection, goodput).
+  """
+  if (step % config.checkpoint_every_steps == 0 or last or preempted) and (
+      manager.latest_step() != step):
+    if before_save is not None:
+      before_save(step)
+    save(manager, step, state, data_iter, config)
+  if preempted:
+    manager.wait_until_finished()
+    logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.", step,
+                    manager.directory)
+    raise Preempted(step)
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def _resolve_step(workdir: str, step: int | None) -> tuple[epath.Path, int]:
   directory = epath.Path(workdir) / "checkpoints"
-  with ocp.CheckpointManager(directory, item_names=("state", "data"),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-  path = directory / str(step) / "state"
-  checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(path).item_metadata.tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args)), step
+  if not directory.exists():
+    raise ConversionError(f"{workdir} has no checkpoints/ (is it a run workdir?)")
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if not steps:
+    raise ConversionError(f"{directory} holds no checkpoint yet")
+  step = steps[-1] if step is None else int(step)
+  if step not in steps:
+    raise ConversionError(f"{directory} has no checkpoint of step {step}; it has {steps}")
+  return directory, step
+
+
+def read_state(workdir: str, step: int | None = None, keys: tuple[str, ...] | None = None,
+               targets: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
+  """Reads parts of a run checkpoint's train state without building the run (no optimizer, any
+  topology): the one reader behind evaluate, encode, export and the tests.
+
+  Args:
+    workdir: the run directory.
+    step: the checkpoint; None = the latest.
+    keys: top-level TrainState fields to read (default: all that are stored).
+    targets: for some keys, abstract trees (ShapeDtypeStructs, with shardings to place them on
+      devices) the stored arrays must match; the others come back as numpy arrays.
+  Returns:
+    ({key: tree}, step).
+  Raises:
+    ConversionError: no such run or checkpoint, or stored shapes that don't match `targets`.
+  """
+  directory, step = _resolve_step(workdir, step)
+  tree = _stored_tree(directory, step)
+  keys = tuple(k for k in (tree if keys is None else keys) if tree.get(k) is not None)
+  targets = targets or {}
+  item = {}
+  for k in keys:
+    if k in targets:
+      state_tree.check_shapes(tree[k], targets[k], f"{directory / str(step)} {k}")
+      item[k] = targets[k]
+    else:
+      item[k] = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[k])
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if getattr(a, "sharding", None)
+      else ocp.RestoreArgs(restore_type=np.ndarray), item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  return {k: out[k] for k in keys}, step
+
+
+def read_params(workdir: str, model_cfg: Any, *, step: int | None = None, weights: str = "auto",
+                sharding: Any = None) -> tuple[dict, int, str]:
+  """The autoencoder weights of a run's checkpoint, without its optimizer or discriminator.
+
+  Args:
+    workdir: the run directory.
+    model_cfg: the run's `AutoencoderConfig` (the stored shapes must match it).
+    step: which checkpoint; None = the latest.
+    weights: 'auto' (EMA when the run keeps it), 'ema' or 'params'.
+    sharding: a jax Sharding for every array (e.g. replicated over a mesh); None = numpy arrays.
+  Returns:
+    (params, step, 'ema' | 'params').
+  """
+  from vae_scale import models  # pylint: disable=g-import-not-at-top
+  directory, step = _resolve_step(workdir, step)
+  tree = _stored_tree(directory, step)
+  has_ema = tree.get("ema_params") is not None
+  if weights == "ema" and not has_ema:
+    raise ConversionError(f"the run in {workdir} keeps no EMA weights (ema_decay=0)")
+  key = "ema_params" if (weights == "ema" or (weights == "auto" and has_ema)) else "params"
+  abstract = models.abstract_params(model_cfg)
+  if sharding is not None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            abstract)
+  got, step = read_state(workdir, step, keys=(key,), targets={key: abstract})
+  return got[key], step, "ema" if key == "ema_params" else "params"

@@ -1,28 +1,92 @@
-"""Multi-process start-up shared by the command lines (main, evaluate, encode).
+"""The one bootstrap of every command line (main, evaluate, encode, convert, bench).
 
-The flags are defined by a call from each tool's `__main__` block, never at import, so the tools'
-modules can be imported together (and with vae_scale.main) in one process.
+- `define_distributed_flags()`: --distributed, --coordinator_address, --num_processes,
+  --process_id, --heartbeat_timeout_seconds, defined by a call from each tool's `__main__` block
+  (never at import, so the tools' modules can be imported together in one process).
+- `init_distributed(flags)`: starts jax.distributed as asked or as the cluster needs.
+- `run(main)`: absl's app.run with flag mistakes (a misspelt --config.FIELD) as one line and exit 2,
+  and any `vae_scale.errors.Error` as one line on stderr and its exit code (2 bad config, data or
+  weights; 3 too many non-finite steps; 42 preempted).
 """
 
 from __future__ import annotations
 
+import ast
 import os
-from typing import Any
+import re
+import sys
+from typing import Any, Callable
+
+from vae_scale import errors
 
 
 def define_distributed_flags() -> dict[str, Any]:
-  """--distributed/--coordinator_address/--num_processes/--process_id, as vae_scale.main has."""
+  """The multi-process flags, as a dict of absl flag holders for `init_distributed`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   return {
       "distributed": flags.DEFINE_enum(
           "distributed", "auto", ["auto", "on", "off"],
-          "Multi-process JAX: 'auto' initializes jax.distributed when a coordinator is given or a "
-          "cluster is detected (TPU pod, SLURM with several tasks); 'on' always; 'off' never."),
+          "Multi-process JAX: 'auto' initializes jax.distributed when an explicit coordinator is "
+          "given or a cluster is detected (TPU pod, SLURM with several tasks); 'on' always; 'off' "
+          "never."),
       "coordinator_address": flags.DEFINE_string(
-          "coordinator_address", None, "HOST:PORT of process 0 for jax.distributed."),
+          "coordinator_address", None, "HOST:PORT of process 0 for jax.distributed (e.g. "
+          "127.0.0.1:12345 to rehearse a multi-host run on one machine). Auto-detected on TPU and "
+          "SLURM."),
       "num_processes": flags.DEFINE_integer("num_processes", None, "Processes in the run."),
       "process_id": flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1."),
+      "heartbeat_timeout_seconds": flags.DEFINE_integer(
+          "heartbeat_timeout_seconds", 100, "jax.distributed: after this long without a heartbeat "
+          "from a peer, the other processes stop with an error instead of waiting for it forever."),
   }
+
+
+def define_weights_flags(verb: str, config_help: str) -> dict[str, Any]:
+  """--config, --workdir, --params, --step, --weights: which weights a tool `verb`s with.
+
+  --config is optional with --workdir: the config stored with the run's checkpoint is used.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  return {
+      "config": config_flags.DEFINE_config_file(
+          "config", None, config_help + " Default with --workdir: the config stored with the "
+          "run's checkpoint. Override fields with --config.FIELD=VALUE.", lock_config=True),
+      "workdir": flags.DEFINE_string("workdir", None, f"Run directory whose checkpoint {verb}."),
+      "params": flags.DEFINE_string(
+          "params", None, f"{verb.capitalize()} these weights instead of a run: a params dir from "
+          "`vae_scale.convert import`, a diffusers folder or an SD .safetensors."),
+      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest)."),
+      "weights": flags.DEFINE_enum("weights", "auto", ["auto", "ema", "params"],
+                                   "auto = EMA weights when the run has them."),
+  }
+
+
+def run_config(fl: dict[str, Any]) -> Any:
+  """--config if given, else the config stored with --workdir's checkpoint (--step or the latest).
+
+  Raises:
+    ConfigError: neither is there.
+  """
+  if fl["config"].value is not None:
+    return fl["config"].value
+  workdir = fl["workdir"].value
+  if not workdir:
+    raise usage_error("--config is required without --workdir")
+  # pylint: disable=g-import-not-at-top
+  from etils import epath
+  from vae_scale import checkpointing
+  from vae_scale import reconcile
+  # pylint: enable=g-import-not-at-top
+  directory = epath.Path(workdir) / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
+      directory.exists()) else []
+  step = fl["step"].value if fl["step"].value is not None else (steps[-1] if steps else None)
+  stored = checkpointing.stored_config(directory, step) if step is not None else None
+  if stored is None:
+    raise usage_error(f"{workdir} has no checkpoint with a stored config (step {step}); pass "
+                      "--config=THE_RUN'S_CONFIG")
+  return reconcile.config_from_dict(stored)
 
 
 def cluster_detected() -> bool:
@@ -38,23 +102,75 @@ def cluster_detected() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def init_distributed(fl: dict[str, Any], heartbeat_timeout_seconds: int | None = None) -> None:
+def init_distributed(fl: dict[str, Any], watch: Any = None) -> None:
   """Starts jax.distributed as the flags (or the detected cluster) ask; a no-op otherwise.
 
   Args:
-    fl: flag holders named distributed, coordinator_address, num_processes, process_id.
-    heartbeat_timeout_seconds: after this long without a peer's heartbeat the others stop with an
-      error (None: JAX's default).
+    fl: the holders `define_distributed_flags` returned.
+    watch: the process's `preemption.Watch`, which takes SIGTERM back from JAX's notifier.
   """
   import jax  # pylint: disable=g-import-not-at-top
   mode, coordinator = fl["distributed"].value, fl["coordinator_address"].value
   if mode == "off" or (mode == "auto" and coordinator is None and not cluster_detected()):
     return
-  extra = ({} if heartbeat_timeout_seconds is None else
-           {"heartbeat_timeout_seconds": heartbeat_timeout_seconds})
+  extra = {"heartbeat_timeout_seconds": fl["heartbeat_timeout_seconds"].value}
   if coordinator is not None:
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=fl["num_processes"].value,
                                process_id=fl["process_id"].value, **extra)
   else:
     jax.distributed.initialize(**extra)
+  if watch is not None:
+    watch.after_distributed_init()
+
+
+def _one_line(text: str) -> str:
+  return re.sub(r"\s+", " ", text.replace("\\n", " ")).strip()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser; a flag or config-override mistake is one line and exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {_one_line(str(e))}\nPass --help for the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # From ml_collections overrides.
+    text = str(e.args[0]) if e.args else str(e)
+    if text[:1] in "'\"" and text[-1:] == text[:1]:  # A KeyError's message, quoted by its repr.
+      text = ast.literal_eval(text)
+    text = re.sub(r"\s*Did you mean", "; did you mean", _one_line(text))
+    print(f"error: bad --config override: {text} (every field is listed in configs/ldm_f8.py)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def report(error: errors.Error) -> int:
+  """Logs and prints `error` as one line; returns its exit code."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if isinstance(error, errors.Preempted):
+    at = f"checkpoint saved at step {error.step}" if error.step is not None else "nothing to save"
+    print(f"preempted: {at}; rerun the same command to resume", file=sys.stderr)
+  else:
+    logging.error("%s", error)
+    print(f"error: {error}", file=sys.stderr)
+  return error.exit_code
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """`absl.app.run(main)` with one-line errors and the exit codes of `vae_scale.errors`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def wrapped(argv: list[str]) -> int:
+    try:
+      return main(argv) or 0
+    except errors.Error as e:
+      return report(e)
+
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def usage_error(message: str) -> errors.ConfigError:
+  """A command-line mistake (a missing flag, a stray argument): one line, exit 2."""
+  return errors.ConfigError(message)

@@ -7,9 +7,7 @@ from typing import Any
 import ml_collections
 
 
-class ConfigError(ValueError):
-  """A config field breaks a rule. The message names the field and the rule."""
-
+from vae_scale.errors import ConfigError
 
 # Every field a config may have, with its type. A field missing here is unknown (a typo, or a
 # field of another version) and is rejected rather than silently ignored.
@@ -121,12 +119,23 @@ def _fail(field: str, rule: str) -> None:
   raise ConfigError(f"config.{field}: {rule}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def check_batch(global_batch_size: int, num_devices: int | None = None,
+                num_processes: int | None = None) -> None:
+  """The one check that a global batch splits evenly over the devices and the processes."""
+  for count, what in ((num_devices, "devices"), (num_processes, "processes")):
+    if count is not None and global_batch_size % count:
+      _fail("global_batch_size", f"{global_batch_size} is not divisible by the {count} {what}; "
+            f"use a multiple of {count}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
   """Checks every field of a training config against its rule.
 
   Args:
     config: the run's config (see configs/ldm_f8.py for every field).
     num_devices: the global device count; when given, the global batch must split evenly.
+    num_processes: the process count; likewise.
 
   Raises:
     ConfigError: on the first broken rule, naming the field and the rule.
@@ -190,6 +199,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("data.path", "empty; data.source=folder needs a directory, glob or manifest file")
   if src == "tfds" and not config.data.tfds_name:
     _fail("data.tfds_name", "empty; data.source=tfds needs a dataset name")
-  if num_devices is not None and config.global_batch_size % num_devices:
-    _fail("global_batch_size", f"{config.global_batch_size} is not divisible by the "
-          f"{num_devices} devices; use a multiple of {num_devices}")
+  check_batch(config.global_batch_size, num_devices, num_processes)

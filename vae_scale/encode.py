@@ -19,23 +19,26 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import sys
 from typing import Any
 
-import grain
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
 
-from vae_scale import convert
-from vae_scale import input_pipeline
+from vae_scale import cli
+from vae_scale import config_lib
+from vae_scale import models
 from vae_scale import sharding
-from vae_scale import transforms
+from vae_scale.data import pipeline
+from vae_scale.data import sources
+from vae_scale.metrics import Moments
+from vae_scale.metrics import latent_summary
+from vae_scale.interop import weights as weights_lib
 from vae_scale.models import AutoencoderConfig
-from vae_scale.models import AutoencoderKL
 
 METADATA = "metadata.json"
 
@@ -44,107 +47,12 @@ def shard_name(process_index: int, shard: int) -> str:
   return f"latents-{process_index:05d}-{shard:05d}.npz"
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-@dataclasses.dataclass
-class Moments:
-  """Count, mean and sum of squared deviations per channel, combined exactly (Chan et al.).
-
-  Float64 on the host, so millions of latents don't lose precision.
-  """
-
-  n: float
-  mean: np.ndarray  # [C]
-  m2: np.ndarray  # [C]
-
-  @classmethod
-  def empty(cls, channels: int) -> "Moments":
-    return cls(0.0, np.zeros(channels), np.zeros(channels))
-
-  @classmethod
-  def of(cls, latents: np.ndarray) -> "Moments":
-    """Moments of latents [..., C] over every axis but the last."""
-    x = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
-    mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[-1])
-    return cls(float(len(x)), mean, ((x - mean) ** 2).sum(axis=0))
-
-  def merge(self, other: "Moments") -> "Moments":
-    n = self.n + other.n
-    if n == 0:
-      return self
-    delta = other.mean - self.mean
-    mean = self.mean + delta * (other.n / n)
-    m2 = self.m2 + other.m2 + delta ** 2 * (self.n * other.n / n)
-    return Moments(n, mean, m2)
-
-  def channel_std(self) -> np.ndarray:
-    return np.sqrt(self.m2 / max(self.n, 1.0))
-
-  def overall(self) -> tuple[float, float]:
-    """(mean, std) over all channels together."""
-    total = Moments(0.0, np.zeros(1), np.zeros(1))
-    for c in range(len(self.mean)):
-      total = total.merge(Moments(self.n, self.mean[c:c + 1], self.m2[c:c + 1]))
-    return float(total.mean[0]), float(np.sqrt(total.m2[0] / max(total.n, 1.0)))
-
-
-def latent_summary(moments: Moments) -> dict[str, Any]:
-  """The latent statistics as JSON values, with LDM's scale factor 1/std and the shift (mean)."""
-  mean, std = moments.overall()
-  return {"latent_mean": mean, "latent_std": std,
-          "latent_mean_per_channel": [float(v) for v in moments.mean],
-          "latent_std_per_channel": [float(v) for v in moments.channel_std()],
-          "scale_factor": 1.0 / std if std > 0 else None, "shift_factor": mean}
-
-
-# --------------------------------------------------------------------------- input
-
-
-@dataclasses.dataclass(frozen=True)
-class _LoadIndexed:
-  """(index, element) -> {'image': center crop in [-1, 1], 'index'}, or None if unreadable."""
-
-  size: int
-  max_pixels: int
-  reduced_jpeg_decode: bool = True
-
-  def __call__(self, index: int, element: Any) -> dict[str, np.ndarray] | None:
-    try:
-      if isinstance(element, (str, bytes, os.PathLike)):
-        # A JPEG may decode at 1/2..1/8 scale, never below the size it is resized to anyway.
-        image = transforms.load_image(element, self.max_pixels,
-                                      min_size=self.size if self.reduced_jpeg_decode else None)
-      else:
-        image = transforms.as_rgb_array(element)
-      return {"image": transforms.eval_view(image, self.size), "index": np.int64(index)}
-    except Exception as e:  # pylint: disable=broad-except
-      # A broken file in a folder of millions is skipped (and logged), never fatal.
-      logging.warning("Skipping unusable image %d: %s: %s", index, type(e).__name__, e)
-      return None
-
-
-def _not_none(x) -> bool:
-  return x is not None
-
-
-def share_dataset(config, source, process_index: int, process_count: int, batch_size: int):
-  """This process's share of `source`, in order, as batches {'image', 'index'} (last one short)."""
-  ds = grain.MapDataset.source(source).map_with_index(_LoadIndexed(
-      config.image_size, config.data.max_pixels,
-      bool(config.data.get("reduced_jpeg_decode", True))))
-  ds = ds[process_index::process_count].filter(_not_none)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if config.data.num_workers else 8))
-  it = it.batch(batch_size, drop_remainder=False)
-  if config.data.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  return it
-
-
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_batch(params, x, rng, *, graphdef, mode: str):
+def _encode_batch(params: Any, x: jax.Array, rng: jax.Array, *, graphdef: nnx.GraphDef,
+                  mode: str) -> jax.Array:
+  """Latents [B, h, w, c] of images [B, H, W, 3] in [-1, 1]: the posterior mean or a draw."""
   model = nnx.merge(graphdef, params)
   post = model.encode(x)
   return post.sample(rng) if mode == "sample" else post.mean
@@ -166,7 +74,7 @@ def _write_npz(path: epath.Path, **arrays) -> None:
   path.write_bytes(buf.getvalue())
 
 
-def encode_share(config, params, model_cfg: AutoencoderConfig, output_dir: str, *,
+def encode_share(config: ml_collections.ConfigDict, params: Any, model_cfg: AutoencoderConfig, output_dir: str, *,
                  process_index: int, process_count: int, split: str = "train",
                  mode: str = "mean", dtype: str = "float32", images_per_shard: int = 10_000,
                  batch_size: int | None = None, source=None) -> Share:
@@ -174,7 +82,7 @@ def encode_share(config, params, model_cfg: AutoencoderConfig, output_dir: str, 
 
   Args:
     params: autoencoder params (numpy or device arrays).
-    split: 'train' or 'eval' (`input_pipeline.make_source`).
+    split: 'train' or 'eval' (`data.sources.make_source`).
     mode: 'mean' (the posterior mean) or 'sample' (one draw, seeded by config.seed).
     dtype: 'float32' or 'float16' for the stored latents (statistics use float32 values).
     batch_size: images per device call; default global_batch_size / process_count, rounded up to
@@ -182,13 +90,13 @@ def encode_share(config, params, model_cfg: AutoencoderConfig, output_dir: str, 
   Returns:
     The share's count, shard file names and latent moments.
   """
-  source = source if source is not None else input_pipeline.make_source(config, split)
+  source = source if source is not None else sources.make_source(config, split)
   mesh = sharding.create_mesh(jax.local_devices())
   ndev = jax.local_device_count()
   batch_size = batch_size or max(1, config.global_batch_size // process_count)
   batch_size = -(-batch_size // ndev) * ndev
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: AutoencoderKL(model_cfg, rngs=nnx.Rngs(0))))
+  graphdef = models.autoencoder_graphdef(model_cfg)
   encode = jax.jit(functools.partial(_encode_batch, graphdef=graphdef, mode=mode),
                    in_shardings=(repl, batch_sh, repl), out_shardings=batch_sh)
   params = jax.device_put(params, repl)
@@ -210,7 +118,7 @@ def encode_share(config, params, model_cfg: AutoencoderConfig, output_dir: str, 
     buf_z.clear()
     buf_i.clear()
 
-  for b, batch in enumerate(share_dataset(config, source, process_index, process_count,
+  for b, batch in enumerate(pipeline.share_dataset(config, source, process_index, process_count,
                                           batch_size)):
     x, idx = batch["image"], np.asarray(batch["index"], np.int64)
     n = len(idx)
@@ -281,7 +189,7 @@ def read_latents(output_dir: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any
   return z[order], i[order], meta
 
 
-def run(config, workdir: str | None, output_dir: str, *, step: int | None = None,
+def run(config: ml_collections.ConfigDict, workdir: str | None, output_dir: str, *, step: int | None = None,
         weights: str = "auto", params_path: str | None = None, split: str = "train",
         mode: str = "mean", dtype: str = "float32", images_per_shard: int = 10_000,
         batch_size: int | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -289,25 +197,21 @@ def run(config, workdir: str | None, output_dir: str, *, step: int | None = None
   `params_path`) into `output_dir`. Every process calls it; returns the metadata.
 
   Raises:
-    convert.ConversionError: no such checkpoint, or weights that don't fit config.model.
-    input_pipeline.DataError: unusable data.
-    FileExistsError: `output_dir` already holds latents and `overwrite` is False.
+    ConversionError: no such checkpoint, or weights that don't fit config.model.
+    DataError: unusable data.
+    ConfigError: bad mode or dtype, or `output_dir` already holds latents and `overwrite` is False.
   """
   if mode not in ("mean", "sample"):
-    raise ValueError(f"mode={mode!r}: use 'mean' or 'sample'")
+    raise cli.usage_error(f"--mode={mode!r}: use 'mean' or 'sample'")
   if dtype not in ("float32", "float16"):
-    raise ValueError(f"dtype={dtype!r}: use 'float32' or 'float16'")
+    raise cli.usage_error(f"--dtype={dtype!r}: use 'float32' or 'float16'")
   pi, pc = jax.process_index(), jax.process_count()
   if (epath.Path(output_dir) / METADATA).exists() and not overwrite:
-    raise FileExistsError(f"{output_dir} already holds encoded latents ({METADATA}); choose "
+    raise cli.usage_error(f"{output_dir} already holds encoded latents ({METADATA}); choose "
                           "another --output_dir or pass --overwrite")
-  source = input_pipeline.make_source(config, split)  # Fails on bad data before loading weights.
+  source = sources.make_source(config, split)  # Fails on bad data before loading weights.
   model_cfg = AutoencoderConfig.from_config(config)
-  if params_path:
-    params, step, which = convert.load_params(params_path, model_cfg), step or 0, "imported"
-  else:
-    params, step, which = convert.restore_run_params(workdir, model_cfg, step=step,
-                                                     weights=weights)
+  params, step, which = weights_lib.load_weights(config, workdir, params_path, step, weights)
   share = encode_share(config, params, model_cfg, output_dir, process_index=pi, process_count=pc,
                        split=split, mode=mode, dtype=dtype, images_per_shard=images_per_shard,
                        batch_size=batch_size, source=source)
@@ -340,25 +244,15 @@ def run(config, workdir: str | None, output_dir: str, *, step: int | None = None
 # --------------------------------------------------------------------------- CLI
 
 
-def _define_flags():
+def define_flags() -> dict[str, Any]:
+  """The flags of `python -m vae_scale.encode` (defined from its __main__ block only)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from vae_scale import cli  # pylint: disable=g-import-not-at-top
   f = flags
   return {
       **cli.define_distributed_flags(),
-      "config": config_flags.DEFINE_config_file(
-          "config", None, "The run's config (model and data), e.g. configs/ldm_f8.py; override "
-          "fields with --config.FIELD=VALUE (e.g. --config.data.path=/data/images).",
-          lock_config=True),
-      "workdir": f.DEFINE_string("workdir", None, "Run directory whose checkpoint encodes."),
-      "params": f.DEFINE_string("params", None, "Encode with these weights instead of a run: a "
-                                "params dir from `vae_scale.convert import`, a diffusers folder or "
-                                "an SD .safetensors."),
+      **cli.define_weights_flags("encodes", "The run's config (model and data), e.g. "
+                                 "configs/ldm_f8.py (--config.data.path=/data/images)."),
       "output_dir": f.DEFINE_string("output_dir", None, "Where shards and metadata.json go."),
-      "step": f.DEFINE_integer("step", None, "Checkpoint step (default: the latest)."),
-      "weights": f.DEFINE_enum("weights", "auto", ["auto", "ema", "params"],
-                               "auto = EMA weights when the run has them."),
       "split": f.DEFINE_enum("split", "train", ["train", "eval"], "Which split to encode."),
       "mode": f.DEFINE_enum("mode", "mean", ["mean", "sample"],
                             "Store the posterior mean, or one sample of the posterior."),
@@ -370,32 +264,20 @@ def _define_flags():
   }
 
 
-def main(argv, fl) -> int:
-  from vae_scale import cli  # pylint: disable=g-import-not-at-top
-  from vae_scale import config_lib  # pylint: disable=g-import-not-at-top
+def main(argv: list[str], fl: dict[str, Any]) -> int:
+  """Checks the flags, starts jax.distributed, encodes; prints count, shape and factors as JSON."""
   if len(argv) > 1:
-    print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
-    return 2
+    raise cli.usage_error(f"unexpected arguments {' '.join(argv[1:])}")
   v = {k: x.value for k, x in fl.items()}
-  if v["config"] is None or v["output_dir"] is None or not (v["workdir"] or v["params"]):
-    print("error: --config, --output_dir and --workdir (or --params) are required",
-          file=sys.stderr)
-    return 2
-  try:
-    config_lib.validate(v["config"])
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if v["output_dir"] is None or not (v["workdir"] or v["params"]):
+    raise cli.usage_error("--output_dir and --workdir (or --params with --config) are required")
+  v["config"] = cli.run_config(fl)
+  config_lib.validate(v["config"])
   cli.init_distributed(fl)
-  try:
-    meta = run(v["config"], v["workdir"], v["output_dir"], step=v["step"], weights=v["weights"],
-               params_path=v["params"], split=v["split"], mode=v["mode"], dtype=v["dtype"],
-               images_per_shard=v["images_per_shard"], batch_size=v["batch_size"],
-               overwrite=v["overwrite"])
-  except (convert.ConversionError, input_pipeline.DataError, FileExistsError, ValueError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  meta = run(v["config"], v["workdir"], v["output_dir"], step=v["step"], weights=v["weights"],
+             params_path=v["params"], split=v["split"], mode=v["mode"], dtype=v["dtype"],
+             images_per_shard=v["images_per_shard"], batch_size=v["batch_size"],
+             overwrite=v["overwrite"])
   if jax.process_index() == 0:
     print(json.dumps({k: meta[k] for k in ("count", "latent_shape", "scale_factor",
                                            "shift_factor")}))
@@ -403,6 +285,6 @@ def main(argv, fl) -> int:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _FLAGS = _define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  _FLAGS = define_flags()
+  cli.run(lambda argv: main(argv, _FLAGS))
+  sys.exit(0)

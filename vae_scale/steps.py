@@ -1,4 +1,4 @@
-"""Pure, mesh-agnostic train and eval steps over a pytree TrainState. Jitted once by train.py."""
+"""The pure, mesh-agnostic train step over a pytree TrainState (jitted with shardings by `programs`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
 from vae_scale import losses
+from vae_scale import models
 from vae_scale import metrics
 from vae_scale import optim
 from vae_scale.models import AutoencoderConfig
@@ -49,13 +51,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """The static parts of a step, bound with functools.partial before jit."""
+  """The static parts of a step, bound with functools.partial before jit.
 
-  graphdef: Any
-  tx: Any
-  schedule: Any
-  metrics_cls: Any
-  eval_metrics_cls: Any
+  Attributes:
+    graphdef: the autoencoder's nnx.GraphDef (merged with the params inside the step).
+    tx: the autoencoder's optimizer; schedule: its learning-rate schedule (for the metric).
+    metrics_cls: the clu.metrics Collection class the train step returns.
+    l1_weight, ssim_weight: weights of the per-element L1 and (1 - SSIM) terms (>= 0).
+    kl_weight: weight of the KL per latent element after `kl_warmup_steps` of linear warm-up.
+    dropout: the model's dropout rate (0: the step runs deterministically).
+    ema_decay: decay of the parameter EMA (0: no EMA).
+    z_channels: latent channels (for the per-channel KL metrics).
+    disc_graphdef, disc_tx: the discriminator's GraphDef and optimizer (None without one).
+    disc_weight, disc_factor, disc_loss: LDM's adaptive-weight multiplier, the factor once the
+      discriminator is on, and 'hinge' | 'vanilla'.
+    adversarial: this variant runs the discriminator (steps >= disc.start_step).
+  """
+
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  metrics_cls: type
   l1_weight: float
   ssim_weight: float
   kl_weight: float
@@ -63,20 +79,21 @@ class StepConfig:
   dropout: float
   ema_decay: float
   z_channels: int
-  disc_graphdef: Any = None
-  disc_tx: Any = None
+  disc_graphdef: nnx.GraphDef | None = None
+  disc_tx: optax.GradientTransformation | None = None
   disc_weight: float = 0.5
   disc_factor: float = 1.0
   disc_loss: str = "hinge"
-  adversarial: bool = False  # This variant runs the discriminator (steps >= disc.start_step).
+  adversarial: bool = False
 
   @classmethod
-  def from_config(cls, config, graphdef, tx, schedule, disc_graphdef=None,
-                  disc_tx=None) -> "StepConfig":
+  def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                  tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  disc_graphdef: nnx.GraphDef | None = None,
+                  disc_tx: optax.GradientTransformation | None = None) -> "StepConfig":
     z = config.model.z_channels
     return cls(graphdef=graphdef, tx=tx, schedule=schedule,
                metrics_cls=metrics.collection(train_metric_names(z)),
-               eval_metrics_cls=metrics.collection(eval_metric_names(z)),
                l1_weight=config.loss.l1_weight, ssim_weight=config.loss.ssim_weight,
                kl_weight=config.loss.kl_weight, kl_warmup_steps=config.loss.kl_warmup_steps,
                dropout=config.model.dropout, ema_decay=config.ema_decay, z_channels=z,
@@ -92,11 +109,6 @@ def train_metric_names(z_channels: int) -> list[str]:
   names = ["loss", "l1", "ssim_loss", "kl", "kl_weight", "rec_loss", "grad_norm",
            "learning_rate", "psnr", "ssim", "nonfinite_skipped", "latent_std"]
   return names + ADVERSARIAL_METRICS + [f"kl_channel_{c}" for c in range(z_channels)]
-
-
-def eval_metric_names(z_channels: int) -> list[str]:
-  names = ["psnr", "ssim", "l1", "kl", "latent_mean", "latent_std"]
-  return names + [f"kl_channel_{c}" for c in range(z_channels)]
 
 
 def init_state(rng: Array, *, model_cfg, tx: optax.GradientTransformation, ema: bool,
@@ -117,7 +129,7 @@ def init_state(rng: Array, *, model_cfg, tx: optax.GradientTransformation, ema: 
   return state
 
 
-def build(config, *, frozen: Any = None, with_disc: bool | None = None
+def build(config: ml_collections.ConfigDict, *, frozen: Any = None, with_disc: bool | None = None
           ) -> tuple[StepConfig, Callable[[Array], TrainState]]:
   """The static step parts and the init function (root key -> TrainState) of a run config.
 
@@ -131,13 +143,12 @@ def build(config, *, frozen: Any = None, with_disc: bool | None = None
   with_disc = config.disc.enabled if with_disc is None else with_disc
   model_cfg = AutoencoderConfig.from_config(config)
   tx, schedule = optim.create_optimizer(config.optimizer, config.num_train_steps, frozen)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: AutoencoderKL(model_cfg, rngs=nnx.Rngs(0))))
+  graphdef = models.autoencoder_graphdef(model_cfg)
   disc_cfg = disc_tx = disc_graphdef = None
   if with_disc:
     disc_cfg = DiscriminatorConfig.from_config(config)
     disc_tx = optim.create_disc_optimizer(config.disc)
-    disc_graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: NLayerDiscriminator(disc_cfg, rngs=nnx.Rngs(0))))
+    disc_graphdef = models.discriminator_graphdef(disc_cfg)
   step_cfg = StepConfig.from_config(config, graphdef, tx, schedule, disc_graphdef, disc_tx)
   init = functools.partial(init_state, model_cfg=model_cfg, tx=tx, ema=config.ema_decay > 0,
                            disc_cfg=disc_cfg, disc_tx=disc_tx)
@@ -255,23 +266,3 @@ def train_step(state: TrainState, batch: dict[str, Array], *,
       **_channel_metrics("kl_channel", losses.kl_per_channel(post)))
   names = train_metric_names(cfg.z_channels)
   return new_state, cfg.metrics_cls.single_from_model_output(**{n: outputs[n] for n in names})
-
-
-def eval_step(params: Any, batch: dict[str, Array], *, cfg: StepConfig,
-              num_images: int) -> tuple[Any, Array, Array]:
-  """Reconstructs a held-out batch from the posterior mean.
-
-  Returns:
-    (metrics collection, the first `num_images` inputs, and their reconstructions).
-  """
-  x = batch["image"]
-  model = nnx.merge(cfg.graphdef, params)
-  recon, post = model(x)
-  outputs = {
-      "psnr": jnp.mean(losses.psnr(x, recon)), "ssim": jnp.mean(losses.ssim_metric(x, recon)),
-      "l1": losses.l1_loss(x, recon), "kl": losses.kl_loss(post),
-      "latent_mean": jnp.mean(post.mean), "latent_std": jnp.std(post.mean),
-      **_channel_metrics("kl_channel", losses.kl_per_channel(post))}
-  names = eval_metric_names(cfg.z_channels)
-  collected = cfg.eval_metrics_cls.single_from_model_output(**{n: outputs[n] for n in names})
-  return collected, x[:num_images], recon[:num_images]

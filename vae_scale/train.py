@@ -1,155 +1,92 @@
-"""The training loop: wires input, mesh, model, steps, metrics and checkpoints together."""
+"""The training loop: input, mesh, programs, evaluation and checkpoints wired together.
+
+Reads top to bottom like the Flax examples' loop: restore-or-init, then for each step: next batch,
+the pure jitted step, hooks, periodic logging / evaluation, and save-or-stop.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import io
-import signal
-import threading
 import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from vae_scale import checkpointing
 from vae_scale import config_lib
-from vae_scale import convert
-from vae_scale import input_pipeline
+from vae_scale import evaluation
+from vae_scale import goodput
+from vae_scale import models
+from vae_scale import optim
+from vae_scale import preemption
+from vae_scale import programs
 from vae_scale import sharding
 from vae_scale import steps
-from vae_scale.models import AutoencoderConfig
-
-PREEMPTED_EXIT_CODE = 42  # The run saved a checkpoint on SIGTERM/preemption; rerun to resume.
-
-
-class Preempted(Exception):
-  """Raised after the preemption checkpoint is written; main exits with PREEMPTED_EXIT_CODE."""
+from vae_scale.data import pipeline
+from vae_scale.data import skipping
+from vae_scale.errors import NonFiniteError
+from vae_scale.interop import weights
 
 
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps had non-finite loss or gradients."""
-
-
-class _SigtermFlag:
-  """Sets a flag on SIGTERM in single-process runs.
-
-  Multi-process runs leave SIGTERM to JAX's preemption notifier (installed by
-  jax.distributed.initialize), which makes every process reach the same preemption sync point.
-  """
-
-  def __init__(self, install: bool):
-    self.event = threading.Event()
-    self._previous = None
-    self._install = install
-
-  def __enter__(self):
-    if self._install and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def image_grid(inputs: np.ndarray, recons: np.ndarray) -> np.ndarray:
-  """Inputs (top row) above their reconstructions (bottom row) as uint8 [2H, N*W, 3]."""
-  to_u8 = lambda a: np.clip((np.asarray(a, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-  top = np.concatenate(list(to_u8(inputs)), axis=1)
-  bottom = np.concatenate(list(to_u8(recons)), axis=1)
-  return np.concatenate([top, bottom], axis=0)
-
-
-def _write_png(path: epath.Path, grid: np.ndarray) -> None:
-  buf = io.BytesIO()
-  Image.fromarray(grid).save(buf, format="PNG")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buf.getvalue())
-
-
-def _flat_hparams(config) -> dict[str, Any]:
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   flat = config_lib._flatten(config)  # pylint: disable=protected-access
   return {k: (str(v) if isinstance(v, (tuple, list)) else v) for k, v in flat.items()}
 
 
-def train_and_evaluate(config, workdir: str) -> steps.TrainState:
+def _frozen(config: ml_collections.ConfigDict, model_cfg: models.AutoencoderConfig) -> Any:
+  if not config.freeze_encoder:
+    return None
+  return jax.tree.map(lambda t: not t, optim.trainable_mask(models.abstract_params(model_cfg),
+                                                            True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       watch: preemption.Watch | None = None) -> steps.TrainState:
   """Trains (or resumes) the autoencoder of `config` in `workdir` and returns the final state.
 
+  Args:
+    config: the run config (validated here against the devices and processes).
+    workdir: the run directory (local or gs://).
+    watch: the process's SIGTERM policy (`main` installs it first thing); None: a fresh one.
   Raises:
-    config_lib.ConfigError / input_pipeline.DataError: bad config or data, before any compile.
-    Preempted: SIGTERM or a preemption notice arrived; a checkpoint of the reached step is saved.
+    ConfigError / DataError / ConversionError: bad config, data or weights, before any compile.
+    Preempted: SIGTERM or a preemption notice arrived; the reached step is saved.
     NonFiniteError: more than optimizer.max_consecutive_nonfinite non-finite steps in a row.
   """
   workdir = str(workdir)
+  watch = watch or preemption.Watch()
   pi, pc = jax.process_index(), jax.process_count()
-  config_lib.validate(config, num_devices=jax.device_count())
-  if config.global_batch_size % pc:
-    raise config_lib.ConfigError(f"config.global_batch_size: {config.global_batch_size} is not "
-                                 f"divisible by the {pc} processes")
+  record = goodput.Recorder(workdir, enabled=pi == 0, start_time=watch.start_time)
+  config_lib.validate(config, num_devices=jax.device_count(), num_processes=pc)
   mesh = sharding.create_mesh()
   logging.info("Mesh %s over %d devices (%d per process)", dict(mesh.shape), jax.device_count(),
                jax.local_device_count())
 
   # Input first: a missing folder or unprepared dataset fails here, before anything compiles.
-  train_ds = input_pipeline.create_train_dataset(config, pi, pc, workdir=workdir)
-  eval_ds = input_pipeline.create_eval_dataset(config, pi, pc, workdir=workdir)
-  num_eval_batches = max(1, config.num_eval_images // config.global_batch_size)
-
-  model_cfg = AutoencoderConfig.from_config(config)
-  frozen = None
-  if config.freeze_encoder:
-    trainable = convert.trainable_mask(convert.abstract_params(model_cfg), True)
-    frozen = jax.tree.map(lambda t: not t, trainable)
+  train_ds = pipeline.create_train_dataset(config, pi, pc, workdir=workdir)
+  eval_ds = pipeline.create_eval_dataset(config, pi, pc, workdir=workdir)
+  model_cfg = models.AutoencoderConfig.from_config(config)
   # Weights to start from are read (and checked against the architecture) before any compile.
-  init_params = convert.load_params(config.init_from, model_cfg) if config.init_from else None
-  step_cfg, init = steps.build(config, frozen=frozen)
-  root_key = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init, root_key)
-  state_sharding = sharding.replicate_tree(abstract_state, mesh)
-  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  init_params = weights.load_params(config.init_from, model_cfg) if config.init_from else None
+  progs = programs.build(config, mesh, frozen=_frozen(config, model_cfg))
 
   manager = checkpointing.create_manager(workdir, config)
-  if manager.latest_step() is not None:  # Same process layout as the run that saved it?
-    input_pipeline.check_iterator_checkpoint(
-        epath.Path(workdir) / "checkpoints" / str(manager.latest_step()) / "data", pi, pc,
-        num_workers=config.data.num_workers)
-  restored = checkpointing.restore_latest(
-      manager, sharding.with_shardings(abstract_state, state_sharding), lambda: iter(train_ds))
-  if restored is not None:
-    state, train_iter, start_step = restored
+  with watch.phase("restore"), record.phase("restore"):
+    resumed = checkpointing.restore_or_init(
+        manager, config=config, workdir=workdir, abstract_state=progs.abstract_state,
+        init=progs.init, make_data_iter=lambda: iter(train_ds), replicated=progs.replicated,
+        init_params=init_params)
+  state, train_iter, start_step = resumed.state, resumed.data_iter, resumed.step
+  record.restored(start_step)
+  if start_step:
     logging.info("Resuming at step %d", start_step)
-  else:
-    state = jax.jit(init, out_shardings=state_sharding)(root_key)
-    train_iter, start_step = iter(train_ds), 0
-    if init_params is not None:
-      params = jax.device_put(init_params, state_sharding.params)
-      state = state.replace(params=params, ema_params=(
-          jax.device_put(init_params, state_sharding.ema_params)
-          if state.ema_params is not None else None))
-      logging.info("Initialized the autoencoder from %s", config.init_from)
-
-  def jit_train_step(adversarial: bool):
-    cfg = dataclasses.replace(step_cfg, adversarial=adversarial)
-    return jax.jit(functools.partial(steps.train_step, cfg=cfg),
-                   in_shardings=(state_sharding, {"image": batch_sh}),
-                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
-
-  # Two variants, each compiled on first use: before disc.start_step the discriminator is not run
-  # at all (disc_factor is 0 there, so it would contribute nothing but cost).
-  ae_step = jit_train_step(False)
-  gan_step = jit_train_step(True) if config.disc.enabled else None
-  num_images = min(8, config.global_batch_size)
-  eval_step = jax.jit(functools.partial(steps.eval_step, cfg=step_cfg, num_images=num_images),
-                      in_shardings=(state_sharding.params, {"image": batch_sh}),
-                      out_shardings=repl)
+  evaluator = evaluation.Evaluator(config, mesh, kinds=("reconstructions",))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=pi > 0, asynchronous=True)
   if start_step == 0:
@@ -163,43 +100,52 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   def evaluate(step: int, write_images: bool) -> dict[str, float]:
     params = state.ema_params if state.ema_params is not None else state.params
-    batches = input_pipeline.eval_batches(config, eval_ds, pc)
-    collected, local, shown = None, None, None
-    for _ in range(num_eval_batches):
-      local = next(batches, local)  # A short share (skipped files) repeats its last batch.
-      if local is None:
-        raise input_pipeline.DataError("the evaluation set yielded no images; check config.data")
-      m, xs, rs = eval_step(params, sharding.global_batch({"image": local["image"]}, mesh))
-      collected = m if collected is None else collected.merge(m)
-      shown = shown or (xs, rs)
-    values = {k: float(v) for k, v in collected.compute().items()}
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in values.items()})
+    with watch.phase("eval"), record.phase("eval"), report.timed("eval"):
+      result, grids = evaluator(params, eval_ds, pc)
+    values = evaluation.scalars(result, "eval")
+    writer.write_scalars(step, values)
     if write_images:
-      grid = image_grid(*jax.device_get(shown))
-      writer.write_images(step, {"eval/reconstructions": grid[None]})
+      writer.write_images(step, {"eval/reconstructions": grids["reconstructions"][None]})
       if pi == 0:
-        _write_png(epath.Path(workdir) / "images" / f"reconstructions_{step:08d}.png", grid)
-    logging.info("Eval at step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in
-                                                         sorted(values.items())))
-    return values
+        evaluation.write_png(epath.Path(workdir) / "images" / f"reconstructions_{step:08d}.png",
+                  grids["reconstructions"])
+    logging.info("Eval at step %d over %d images: PSNR %.3f dB, SSIM %.4f, L1 %.4f", step,
+                 result["num_images"], result["psnr"], result["ssim"], result["l1"])
+    return result
 
+  def before_save(step: int) -> None:
+    watch.phase_entered("save")
+    record.checkpoint_committed(step)
+    record.flush()
+
+  compiled: set[str] = set()
   history: list[tuple[int, dict[str, float]]] = []
   train_metrics, last_log, skipped = None, (start_step, time.time()), 0
   max_bad = config.optimizer.max_consecutive_nonfinite
-  with metric_writers.ensure_flushes(writer), _SigtermFlag(install=pc == 1) as sigterm:
+  with metric_writers.ensure_flushes(writer):
     if start_step == 0:
-      with report.timed("eval"):
-        history.append((0, evaluate(0, write_images=True)))
+      history.append((0, evaluate(0, write_images=True)))
     for step in range(start_step, config.num_train_steps):
+      # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
+      use_gan = progs.gan_step is not None and step >= config.disc.start_step
+      variant = "gan" if use_gan else "ae"
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        local = next(train_iter)
-        skipped += int(np.sum(local.pop(input_pipeline.SKIPPED_KEY, 0)))  # Host-side, not for devices.
+        with record.phase("data"):
+          local = next(train_iter)
+        skipped += int(np.sum(local.pop(skipping.SKIPPED_KEY, 0)))  # Host-side, not for devices.
         batch = sharding.global_batch(local, mesh)
-        # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
-        use_gan = gan_step is not None and step >= config.disc.start_step
-        state, m = (gan_step if use_gan else ae_step)(state, batch)
+        if variant not in compiled:  # The first call compiles: time it as such.
+          with watch.phase("compile"), record.phase("compile"):
+            state, m = (progs.gan_step if use_gan else progs.ae_step)(state, batch)
+            jax.block_until_ready(m)
+          compiled.add(variant)
+        else:
+          watch.phase_entered("step")
+          state, m = (progs.gan_step if use_gan else progs.ae_step)(state, batch)
+      watch.steps_completed()
       train_metrics = m if train_metrics is None else train_metrics.merge(m)
       done = step + 1
+      record.step_end(done)
       last = done == config.num_train_steps
       for hook in hooks:
         hook(done)
@@ -221,28 +167,28 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
         if pc > 1:  # Unreadable files skipped by all processes since the last write.
           skipped = int(np.sum(multihost_utils.process_allgather(np.asarray([skipped]))))
         values["data/skipped"] = skipped
+        values.update(record.flush())
         skipped = 0
         writer.write_scalars(done, values)
         train_metrics, last_log = None, (done, time.time())
 
       if done % config.eval_every_steps == 0 or last:
-        with report.timed("eval"):
-          history.append((done, evaluate(done, write_images=done % config.image_every_steps == 0
-                                         or last)))
+        history.append((done, evaluate(done, write_images=done % config.image_every_steps == 0
+                                       or last)))
       elif done % config.image_every_steps == 0:
         evaluate(done, write_images=True)
 
-      preempted = sigterm.event.is_set() or (pc > 1 and manager.reached_preemption(done))
-      if done % config.checkpoint_every_steps == 0 or last or preempted:
-        checkpointing.save(manager, done, state, train_iter)
+      preempted = watch.requested() if pc == 1 else manager.reached_preemption(done)
       if preempted:
-        manager.wait_until_finished()
         writer.flush()
-        logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
-                        done, manager.directory)
-        raise Preempted(done)
-  manager.wait_until_finished()
+      with record.phase("checkpoint"):
+        checkpointing.save_or_stop(manager, done, state, train_iter, config, last=last,
+                                   preempted=preempted, before_save=before_save)
+  with record.phase("checkpoint"):
+    manager.wait_until_finished()
   manager.close()
-  logging.info("Finished at step %d. Eval history: %s", config.num_train_steps,
+  record.close()
+  logging.info("Finished at step %d. Eval history (step, PSNR dB): %s", config.num_train_steps,
                [(s, round(v["psnr"], 2)) for s, v in history])
+  logging.info("%s", record.summary())
   return state

@@ -145,27 +145,37 @@ def _run(block: nnx.Module, h: Array, remat: bool, deterministic: bool, rngs) ->
   return block(h, deterministic, rngs)
 
 
+def _level(cin: int, cout: int, num: int, res: int, cfg: AutoencoderConfig, rngs: nnx.Rngs):
+  """The ResNet blocks of one level and, at listed resolutions, an attention block after each."""
+  resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs=rngs)
+                      for i in range(num)])
+  attentions = nnx.List([AttnBlock(cout, cfg, rngs=rngs) for _ in range(num)]
+                        if res in cfg.attn_resolutions else [])
+  return resnets, attentions
+
+
+def _run_level(level: nnx.Module, resamplers: nnx.List, h: Array, deterministic: bool,
+               rngs) -> Array:
+  for i, resnet in enumerate(level.resnets):
+    h = _run(resnet, h, level.remat, deterministic, rngs)
+    if level.attentions:
+      h = _run(level.attentions[i], h, level.remat, deterministic, rngs)
+  for resample in resamplers:
+    h = _run(resample, h, level.remat, deterministic, rngs)
+  return h
+
+
 class DownBlock(nnx.Module):
   """One encoder level: ResNet blocks (with attention at listed resolutions), then a downsampler."""
 
   def __init__(self, cin: int, cout: int, res: int, add_down: bool, cfg: AutoencoderConfig, *,
                rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs=rngs)
-                             for i in range(cfg.num_res_blocks)])
-    use_attn = res in cfg.attn_resolutions
-    self.attentions = nnx.List([AttnBlock(cout, cfg, rngs=rngs) for _ in self.resnets]
-                               if use_attn else [])
+    self.resnets, self.attentions = _level(cin, cout, cfg.num_res_blocks, res, cfg, rngs)
     self.downsamplers = nnx.List([Downsample(cout, cfg, rngs=rngs)] if add_down else [])
     self.remat = cfg.remat == "block"
 
   def __call__(self, h: Array, deterministic: bool, rngs) -> Array:
-    for i, resnet in enumerate(self.resnets):
-      h = _run(resnet, h, self.remat, deterministic, rngs)
-      if self.attentions:
-        h = _run(self.attentions[i], h, self.remat, deterministic, rngs)
-    for down in self.downsamplers:
-      h = _run(down, h, self.remat, deterministic, rngs)
-    return h
+    return _run_level(self, self.downsamplers, h, deterministic, rngs)
 
 
 class UpBlock(nnx.Module):
@@ -173,22 +183,12 @@ class UpBlock(nnx.Module):
 
   def __init__(self, cin: int, cout: int, res: int, add_up: bool, cfg: AutoencoderConfig, *,
                rngs: nnx.Rngs):
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs=rngs)
-                             for i in range(cfg.num_res_blocks + 1)])
-    use_attn = res in cfg.attn_resolutions
-    self.attentions = nnx.List([AttnBlock(cout, cfg, rngs=rngs) for _ in self.resnets]
-                               if use_attn else [])
+    self.resnets, self.attentions = _level(cin, cout, cfg.num_res_blocks + 1, res, cfg, rngs)
     self.upsamplers = nnx.List([Upsample(cout, cfg, rngs=rngs)] if add_up else [])
     self.remat = cfg.remat == "block"
 
   def __call__(self, h: Array, deterministic: bool, rngs) -> Array:
-    for i, resnet in enumerate(self.resnets):
-      h = _run(resnet, h, self.remat, deterministic, rngs)
-      if self.attentions:
-        h = _run(self.attentions[i], h, self.remat, deterministic, rngs)
-    for up in self.upsamplers:
-      h = _run(up, h, self.remat, deterministic, rngs)
-    return h
+    return _run_level(self, self.upsamplers, h, deterministic, rngs)
 
 
 class MidBlock(nnx.Module):

@@ -1,0 +1,251 @@
+"""checkpointing: resume checks and readers of run checkpoints."""
+
+import json
+
+import grain
+import pytest
+
+from conftest import tiny_config
+from vae_scale import checkpointing
+from vae_scale.data import pipeline
+from vae_scale.errors import DataError
+
+
+# --------------------------------------------------------------------------- data iterator state
+
+
+def test_iterator_checkpoint_from_another_process_count_is_a_clear_error(tmp_path):
+  it = iter(pipeline.create_train_dataset(tiny_config(), 0, 1))
+  next(it)
+  grain.checkpoint.CheckpointHandler().save(tmp_path, item=it)  # Writes process_0-of-1.json.
+  assert checkpointing.iterator_process_count(tmp_path) == 1
+  checkpointing.check_iterator_state(tmp_path, 0, 1)
+  with pytest.raises(DataError,
+                     match="written by 1 process, but this run has 2.*rerun with 1 process .*"
+                     "--config.x=True"):
+    checkpointing.check_iterator_state(tmp_path, 1, 2, reset_option="--config.x=True")
+  (tmp_path / "process_0-of-1.json").rename(tmp_path / "process_1-of-2.json")
+  with pytest.raises(DataError, match="no state for process 0 of 2"):
+    checkpointing.check_iterator_state(tmp_path, 0, 2)
+  checkpointing.check_iterator_state(tmp_path / "absent", 0, 2)  # Nothing to check.
+
+
+def test_iterator_checkpoint_from_another_worker_setup_is_named(tmp_path, caplog):
+  state = iter(pipeline.create_train_dataset(tiny_config(), 0, 1)).get_state()
+  (tmp_path / "process_0-of-1.json").write_text(json.dumps(state))
+  checkpointing.check_iterator_state(tmp_path, 0, 1, num_workers=0)
+  assert "num_workers" not in caplog.text
+  checkpointing.check_iterator_state(tmp_path, 0, 1, num_workers=4)
+  assert "written with data.num_workers=0 and this run has 4" in caplog.text
+  mp_state = {"iterators_in_use_states": [state, state], "exhausted": [0, 0]}
+  it = iter(pipeline.create_train_dataset(tiny_config(), 0, 1))
+  with pytest.raises(DataError, match="num_workers switched between 0 and > 0"):
+    it.set_state(mp_state)
+
+
+# --------------------------------------------------------------------------- config changes at resume
+#
+# A base run trains 2 steps; each case restores its checkpoint under a changed config with the one
+# restore-or-init the loop uses, and checks the restored parts bit for bit.
+
+import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from vae_scale import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale import programs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale import reconcile  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale import state_tree  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_GAN = {"disc.enabled": True, "disc.filters": 8, "disc.n_layers": 2, "disc.start_step": 0,
+        "image_size": 32, "ema_decay": 0.9}
+
+
+def _base(**kw):
+  return tiny_config(**{"num_train_steps": 2, "checkpoint_every_steps": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+  """2 steps without EMA or discriminator; returns (workdir, its stored state as numpy)."""
+  workdir = str(tmp_path_factory.mktemp("plain"))
+  train.train_and_evaluate(_base(), workdir)
+  return workdir, checkpointing.read_state(workdir, 2)[0]
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+  """2 steps with EMA and the discriminator on."""
+  workdir = str(tmp_path_factory.mktemp("gan"))
+  train.train_and_evaluate(_base(**_GAN), workdir)
+  return workdir, checkpointing.read_state(workdir, 2)[0]
+
+
+def _copy(run, tmp_path):
+  dst = str(tmp_path / "run")
+  shutil.copytree(run, dst)
+  return dst
+
+
+def _restore(workdir, config):
+  """The loop's restore-or-init under `config`; returns (state as numpy, step, data iterator)."""
+  mesh = sharding.create_mesh()
+  model_cfg = models.AutoencoderConfig.from_config(config)
+  frozen = (jax.tree.map(lambda t: not t, optim.trainable_mask(
+      models.abstract_params(model_cfg), True)) if config.freeze_encoder else None)
+  progs = programs.build(config, mesh, frozen=frozen)
+  manager = checkpointing.create_manager(workdir, config)
+  try:
+    r = checkpointing.restore_or_init(
+        manager, config=config, workdir=workdir, abstract_state=progs.abstract_state,
+        init=progs.init, make_data_iter=lambda: iter(pipeline.create_train_dataset(config, 0, 1)),
+        replicated=progs.replicated)
+  finally:
+    manager.close()
+  return jax.tree.map(np.asarray, r.state), r.step, r.data_iter, progs
+
+
+def _equal(a, b):
+  """The same leaves under the same names (a live state's int keys are a stored one's strings)."""
+  fa, fb = state_tree.flat(a), state_tree.flat(b)
+  assert sorted(fa) == sorted(fb)
+  for name, leaf in fa.items():
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(fb[name]), err_msg=name)
+
+
+def _log(workdir):
+  path = os.path.join(workdir, reconcile.RESUME_LOG)
+  return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+
+
+@pytest.mark.slow
+def test_ema_turned_on_starts_the_average_from_the_restored_params(plain_run, tmp_path):
+  workdir = _copy(plain_run[0], tmp_path)
+  state, step, _, _ = _restore(workdir, _base(ema_decay=0.9))
+  assert step == 2 and not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
+  _equal(state.params, plain_run[1]["params"])
+  _equal(state.ema_params, plain_run[1]["params"])
+  _equal(state.opt_state, plain_run[1]["opt_state"])
+  assert [(e["field"], e["kind"]) for e in _log(workdir)] == [("ema_decay", "ema")]
+
+
+@pytest.mark.slow
+def test_discriminator_turned_on_is_fresh_and_the_autoencoder_restored(plain_run, tmp_path):
+  workdir = _copy(plain_run[0], tmp_path)
+  config = _base(**{k: v for k, v in _GAN.items() if k not in ("image_size", "ema_decay")})
+  state, step, _, progs = _restore(workdir, config)
+  assert step == 2
+  _equal(state.params, plain_run[1]["params"])
+  fresh = jax.tree.map(np.asarray, progs.init())
+  _equal(state.disc_params, fresh.disc_params)
+  _equal(state.disc_opt_state, fresh.disc_opt_state)
+  assert ("disc.enabled", "disc") in [(e["field"], e["kind"]) for e in _log(workdir)]
+
+
+@pytest.mark.slow
+def test_ema_and_discriminator_turned_off_are_dropped(gan_run, tmp_path):
+  workdir = _copy(gan_run[0], tmp_path)
+  config = _base(**{"image_size": 32, "disc.filters": 8, "disc.n_layers": 2})
+  state, step, _, _ = _restore(workdir, config)
+  assert step == 2 and state.ema_params is None and state.disc_params is None
+  _equal(state.params, gan_run[1]["params"])
+  kinds = {e["field"]: e["kind"] for e in _log(workdir)}
+  assert kinds["ema_decay"] == "ema" and kinds["disc.enabled"] == "disc"
+  # The old checkpoint keeps what the new run drops.
+  assert checkpointing.read_state(workdir, 2)[0]["ema_params"] is not None
+
+
+@pytest.mark.slow
+def test_freeze_encoder_switched_keeps_the_decoder_moments_and_resets_the_encoders(
+    plain_run, tmp_path):
+  workdir = _copy(plain_run[0], tmp_path)
+  state, step, _, _ = _restore(workdir, _base(freeze_encoder=True))
+  assert step == 2
+  _equal(state.params, plain_run[1]["params"])
+  got, stored = state_tree.flat(state.opt_state), state_tree.flat(plain_run[1]["opt_state"])
+  assert sorted(got) == sorted(stored)
+  moments = [n for n in got if "/mu/" in n or "/nu/" in n]
+  encoder = [n for n in moments if any(f"/{side}/" in n for side in optim.ENCODER_SIDE)]
+  assert encoder and len(encoder) < len(moments)
+  for name in moments:
+    if name in encoder:  # Reset: the encoder side's role changed (trained -> frozen).
+      assert not np.any(got[name]), name
+    else:  # Kept: the decoder trains on as before.
+      np.testing.assert_array_equal(got[name], stored[name], err_msg=name)
+  assert any(np.any(stored[n]) for n in encoder)
+
+
+@pytest.mark.slow
+def test_hyperparameters_continue_with_the_same_state_and_a_rate_jump_is_warned(
+    plain_run, tmp_path, caplog):
+  workdir = _copy(plain_run[0], tmp_path)
+  config = _base(**{"optimizer.learning_rate": 1e-2, "optimizer.grad_clip_norm": 1.0,
+                    "loss.ssim_weight": 0.5, "optimizer.name": "adamw"})
+  with caplog.at_level("WARNING"):
+    state, step, _, _ = _restore(workdir, config)
+  assert step == 2
+  _equal(state.params, plain_run[1]["params"])
+  _equal(state.opt_state, plain_run[1]["opt_state"])
+  assert any("optimizer.learning_rate" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_new_data_source_keeps_the_model_and_restarts_the_stream(plain_run, tmp_path):
+  workdir = _copy(plain_run[0], tmp_path)
+  config = _base(**{"data.synthetic_size": 32})
+  state, step, data_iter, _ = _restore(workdir, config)
+  assert step == 2
+  _equal(state.params, plain_run[1]["params"])
+  first = next(iter(pipeline.create_train_dataset(config, 0, 1)))
+  np.testing.assert_array_equal(next(data_iter)["image"], first["image"])
+  assert [e["kind"] for e in _log(workdir)] == ["data"]
+
+
+def _tree_digest(root):
+  h = hashlib.sha256()
+  for d, _, files in sorted(os.walk(root)):
+    for f in sorted(files):
+      p = os.path.join(d, f)
+      h.update(os.path.relpath(p, root).encode())
+      h.update(open(p, "rb").read())
+  return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_an_architecture_change_is_refused_and_nothing_on_disk_changes(plain_run, tmp_path):
+  workdir = _copy(plain_run[0], tmp_path)
+  before = _tree_digest(os.path.join(workdir, "checkpoints"))
+  with pytest.raises(ConfigError, match=r"config.model.ch: 4 -> 8 changes the architecture.*"
+                     r"nothing was changed on disk.*new --workdir"):
+    _restore(workdir, _base(**{"model.ch": 8}))
+  assert _tree_digest(os.path.join(workdir, "checkpoints")) == before
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_damaged"))
+
+
+@pytest.mark.slow
+def test_a_truncated_array_file_is_still_damage(plain_run, tmp_path, caplog):
+  workdir = _copy(plain_run[0], tmp_path)
+  config = _base(num_train_steps=4)
+  train.train_and_evaluate(config, workdir)  # Checkpoints 2 and 4.
+  state4 = checkpointing.read_state(workdir, 4)[0]
+  arrays = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", "4",
+                                                                      "state"))
+            for f in fs if os.path.basename(d) == "d" and os.path.getsize(os.path.join(d, f)) > 1000]
+  assert arrays
+  for path in arrays:  # Truncate every data file of checkpoint 4 to half.
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  with caplog.at_level("WARNING"):
+    state, step, _, _ = _restore(workdir, config)
+  assert step == 2
+  assert any("step 4 is damaged" in r.getMessage() for r in caplog.records)
+  assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))[0].startswith("4-")
+  _equal(state.params, plain_run[1]["params"])
+  del state4

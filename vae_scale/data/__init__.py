@@ -1,0 +1,7 @@
+"""Input: sources, file lists, bad-file skipping and the Grain chains (host-local numpy only).
+
+  sources     random-access sources (folder, TFDS, samples, synthetic) and `make_source`
+  file_lists  directory scans, globs and manifests, cached in the workdir
+  skipping    unreadable files skipped and counted; when to stop
+  pipeline    the train, eval and encode chains
+"""

@@ -1,0 +1,51 @@
+"""The one error hierarchy of vae_scale: each class carries the exit code the command lines use.
+
+Library code raises these; `vae_scale.cli.run` turns any of them into one line on stderr and the
+class's exit code, so every tool (train, evaluate, encode, convert, bench) agrees on what the codes
+mean: 0 done · 2 bad config, data or weights (nothing compiled, nothing lost) · 3 too many non-finite
+steps · 42 preempted (rerun the same command).
+"""
+
+from __future__ import annotations
+
+PREEMPTED_EXIT_CODE = 42
+
+
+class Error(Exception):
+  """Base class: a failure the user can act on. The message says what and what to do."""
+
+  exit_code: int = 1
+
+
+class ConfigError(Error, ValueError):
+  """A config field is invalid; the message is `config.FIELD: rule`."""
+
+  exit_code = 2
+
+
+class DataError(Error, ValueError):
+  """The data a config points at cannot be used. The message names the path and what to do."""
+
+  exit_code = 2
+
+
+class ConversionError(Error, ValueError):
+  """Weights that cannot be converted or loaded. The message names the file and what to do."""
+
+  exit_code = 2
+
+
+class NonFiniteError(Error, RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+  exit_code = 3
+
+
+class Preempted(Error):
+  """A SIGTERM or preemption notice arrived; whatever progress there was is saved. Rerun."""
+
+  exit_code = PREEMPTED_EXIT_CODE
+
+  def __init__(self, step: int | None = None):
+    super().__init__(step)
+    self.step = step

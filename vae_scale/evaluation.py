@@ -1,0 +1,180 @@
+"""The one evaluation of an autoencoder on held-out images, used by the train loop and `evaluate`.
+
+Over the eval set (`data.pipeline.eval_batches`: every process the same number of batches, a short
+share padded with weight-0 images): PSNR and SSIM (mean and std over images), mean L1, KL per latent
+channel, and the latent mean/std (overall and per channel; 1/std is the scale factor a diffusion
+model would use), and image grids of the first batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh
+from PIL import Image
+
+from vae_scale import losses
+from vae_scale import metrics
+from vae_scale import models
+from vae_scale import sharding
+from vae_scale.data import pipeline
+from vae_scale.errors import DataError
+
+GRIDS = ("reconstructions", "prior_samples", "interpolations")
+NUM_SHOWN = 8  # Images per reconstruction / prior-sample grid.
+NUM_PAIRS = 4  # Interpolated pairs.
+NUM_STEPS = 8  # Interpolation steps per pair (ends included).
+
+
+def eval_sums(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+              ) -> dict[str, jax.Array]:
+  """Weighted sums of the metrics over a global batch (weight 0 marks padding).
+
+  Args:
+    params: autoencoder params.
+    batch: {'image': [B, H, W, 3] in [-1, 1], 'weight': [B] in {0, 1}}.
+    graphdef: the autoencoder's GraphDef.
+  Returns:
+    Scalars n, psnr, psnr_sq, ssim, ssim_sq, l1; kl [C]; and the latent moments of this batch
+    lat_n, lat_mean [C], lat_m2 [C].
+  """
+  x, w = batch["image"], batch["weight"]
+  model = nnx.merge(graphdef, params)
+  post = model.encode(x)
+  recon = model.decode(post.mean)
+  psnr, ssim = losses.psnr(x, recon), losses.ssim_metric(x, recon)
+  l1 = jnp.mean(jnp.abs(x - recon.astype(jnp.float32)), axis=(1, 2, 3))
+  kl = jnp.sum(post.kl_per_element(), axis=(1, 2))  # [B, C]
+  z = post.mean.astype(jnp.float32)
+  n = jnp.sum(w) * z.shape[1] * z.shape[2]
+  wz = w[:, None, None, None]
+  mean = jnp.sum(wz * z, axis=(0, 1, 2)) / jnp.maximum(n, 1.0)
+  m2 = jnp.sum(wz * jnp.square(z - mean), axis=(0, 1, 2))
+  wsum = lambda v: jnp.sum(w * v)
+  return {"n": jnp.sum(w), "psnr": wsum(psnr), "psnr_sq": wsum(psnr ** 2), "ssim": wsum(ssim),
+          "ssim_sq": wsum(ssim ** 2), "l1": wsum(l1), "kl": jnp.sum(w[:, None] * kl, axis=0),
+          "lat_n": n, "lat_mean": mean, "lat_m2": m2}
+
+
+def grids(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, graphdef: nnx.GraphDef,
+          kinds: Sequence[str], num_shown: int, num_pairs: int, num_steps: int
+          ) -> dict[str, jax.Array]:
+  """Image grids [rows, cols, H, W, 3] in [-1, 1] of the first images of a batch.
+
+  reconstructions: inputs above their reconstructions; prior_samples: decodes of N(0, I) latents;
+  interpolations: per pair, the two inputs around decodes of interpolated latents.
+  """
+  x = batch["image"]
+  model = nnx.merge(graphdef, params)
+  post = model.encode(x[:max(num_shown, 2 * num_pairs)])
+  out = {}
+  if "reconstructions" in kinds:
+    out["reconstructions"] = jnp.stack([x[:num_shown], model.decode(post.mean[:num_shown])])
+  if "prior_samples" in kinds:
+    out["prior_samples"] = model.decode(
+        jax.random.normal(rng, (num_shown,) + post.mean.shape[1:]))[None]
+  if "interpolations" in kinds:
+    za, zb = post.mean[0:2 * num_pairs:2], post.mean[1:2 * num_pairs:2]
+    t = jnp.linspace(0.0, 1.0, num_steps)[None, :, None, None, None]
+    z = (1.0 - t) * za[:, None] + t * zb[:, None]  # [P, T, h, w, c]
+    dec = model.decode(z.reshape((-1,) + z.shape[2:])).reshape(z.shape[:2] + x.shape[1:])
+    out["interpolations"] = jnp.concatenate(
+        [x[0:2 * num_pairs:2, None], dec, x[1:2 * num_pairs:2, None]], axis=1)
+  return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+
+def tile(rows: np.ndarray) -> np.ndarray:
+  """Images [R, C, H, W, 3] in [-1, 1] -> one uint8 grid [R*H, C*W, 3]."""
+  rows = np.clip((np.asarray(rows, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  r, c, h, w, ch = rows.shape
+  return rows.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
+
+
+def write_png(path: epath.Path, grid: np.ndarray) -> None:
+  """Writes a uint8 [H, W, 3] grid as a PNG (local or gs://)."""
+  buf = io.BytesIO()
+  Image.fromarray(grid).save(buf, format="PNG")
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(path).write_bytes(buf.getvalue())
+
+
+class Evaluator:
+  """Compiled once per run; `__call__` evaluates params on the held-out set.
+
+  Args:
+    config: the run config (global_batch_size, num_eval_images, model, seed).
+    mesh: the data mesh (batches are split over it, params replicated).
+    kinds: which grids to draw (a subset of GRIDS).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh,
+               kinds: Sequence[str] = GRIDS):
+    self._config, self._mesh = config, mesh
+    self._model_cfg = models.AutoencoderConfig.from_config(config)
+    graphdef = models.autoencoder_graphdef(self._model_cfg)
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    in_sh = (repl, {"image": batch_sh, "weight": batch_sh})
+    self._sums = jax.jit(functools.partial(eval_sums, graphdef=graphdef), in_shardings=in_sh,
+                         out_shardings=repl)
+    b = config.global_batch_size
+    self._grids = jax.jit(functools.partial(
+        grids, graphdef=graphdef, kinds=tuple(kinds), num_shown=min(NUM_SHOWN, b),
+        num_pairs=max(1, min(NUM_PAIRS, b // 2)), num_steps=NUM_STEPS),
+        in_shardings=in_sh + (repl,), out_shardings=repl)
+
+  def __call__(self, params: Any, dataset: Any, process_count: int
+               ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluates `params` (replicated on the mesh) on this process's share `dataset`.
+
+    Args:
+      params: autoencoder params.
+      dataset: `data.pipeline.create_eval_dataset(...)` of this process.
+      process_count: processes in the run.
+    Returns:
+      (metrics: psnr, psnr_std, ssim, ssim_std, l1, kl, kl_per_channel, num_images and the
+      `metrics.latent_summary` fields; grids: name -> uint8 [rows*H, cols*W, 3]).
+    Raises:
+      DataError: not one held-out image could be read.
+    """
+    totals, moments, shown = None, metrics.Moments.empty(self._model_cfg.z_channels), None
+    batches: Iterable = pipeline.eval_batches(self._config, dataset, process_count)
+    for local in batches:
+      batch = sharding.global_batch(local, self._mesh)
+      if shown is None:
+        shown = self._grids(params, batch, jax.random.key(self._config.seed))
+      s = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(
+          self._sums(params, batch)))
+      moments = moments.merge(metrics.Moments(float(s["lat_n"]), s["lat_mean"], s["lat_m2"]))
+      s = {k: v for k, v in s.items() if not k.startswith("lat_")}
+      totals = s if totals is None else jax.tree.map(np.add, totals, s)
+    if totals["n"] == 0:
+      raise DataError("the evaluation set yielded no readable images; check config.data")
+    n = totals["n"]
+    mean_std = lambda k: (float(totals[k] / n),
+                          float(np.sqrt(max(totals[k + "_sq"] / n - (totals[k] / n) ** 2, 0.0))))
+    psnr, psnr_std = mean_std("psnr")
+    ssim, ssim_std = mean_std("ssim")
+    kl_c = totals["kl"] / n
+    result: dict[str, Any] = {
+        "num_images": int(n), "psnr": psnr, "psnr_std": psnr_std, "ssim": ssim,
+        "ssim_std": ssim_std, "l1": float(totals["l1"] / n), "kl": float(np.sum(kl_c)),
+        "kl_per_channel": [float(v) for v in kl_c]}
+    result.update(metrics.latent_summary(moments))
+    return result, {k: tile(v) for k, v in jax.device_get(shown).items()}
+
+
+def scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
+  """The scalar metrics of a result for TensorBoard: floats, plus one per latent channel."""
+  out = {f"{prefix}/{k}": v for k, v in result.items() if isinstance(v, float)}
+  for c, (kl, std) in enumerate(zip(result["kl_per_channel"], result["latent_std_per_channel"])):
+    out[f"{prefix}/kl_channel_{c}"] = kl
+    out[f"{prefix}/latent_std_channel_{c}"] = std
+  return out

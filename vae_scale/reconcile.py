@@ -1,0 +1,399 @@
+"""Config changes at resume: what differs from the config a checkpoint was saved with, what to do.
+
+The loop stores `config_to_json(config)` with every checkpoint; before restoring it calls
+`reconcile(stored, config, step, workdir)`: a `Plan` (log lines and the flags the loop acts on), or
+a ConfigError when the run cannot continue. Pure decision logic (no arrays). Each change's kind:
+
+  architecture  refused, nothing on disk touched: a parameter shape or module of the autoencoder
+                (AE_SHAPE_FIELDS; attn_resolutions / image_size when attention moves to other
+                levels), model.norm_groups (same shapes, but the weights were trained for another
+                function: continuing it must be asked for with init_from), and, when enabled before
+                and after, the discriminator's DISC_ARCH_FIELDS (group norm has no statistics).
+  ema           ema_decay switched between 0 and > 0: the average starts from the restored
+                parameters / is dropped from new checkpoints (older ones keep it).
+  disc          disc.enabled switched: discriminator and optimizer start fresh / their state is
+                dropped from new checkpoints (older ones keep it).
+  freeze        freeze_encoder switched: the encoder side's Adam moments reset, the decoder's stay.
+  data          the train stream reads something else (source, path, tfds name/split/key, a folder's
+                held-out split, synthetic size, num_workers 0 <-> > 0, seed): the model continues,
+                the stream restarts from its beginning.
+  continue      the same state: optimizer, schedule, loss, dtype, remat, intervals, evaluation...;
+                a learning rate that jumps more than 1% at the resume step is warned about.
+
+`seed` is `data`: the step's random stream is in the checkpoint (TrainState.rng) and continues; the
+seed only orders the data and picks a folder's held-out files, so the stream restarts under the new
+shuffle, with a warning (louder when held-out files change: some were trained on).
+`global_batch_size` is `continue` with a warning: Grain counts its position in examples, so the
+stream goes on where it stood, but every step-counted setting now covers other numbers of images.
+Fields in only one of the configs (another vae_scale version) are `continue` with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+from absl import logging
+from etils import epath
+
+from vae_scale import optim
+from vae_scale.errors import ConfigError
+
+RESUME_LOG = "resume_log.jsonl"
+KINDS = ("architecture", "ema", "disc", "freeze", "data", "continue")
+LR_JUMP = 0.01  # Relative change of the learning rate at the resume step that is warned about.
+LDM_BASE_LEARNING_RATE = 4.5e-6  # LDM: learning rate = this x global batch (configs/pods.py).
+
+AE_SHAPE_FIELDS = ("model.in_channels", "model.out_channels", "model.ch", "model.ch_mult",
+                   "model.num_res_blocks", "model.z_channels", "model.double_z",
+                   "model.mid_attention")
+DISC_ARCH_FIELDS = ("disc.n_layers", "disc.filters", "disc.norm")
+LR_FIELDS = ("optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps",
+             "num_train_steps")
+# The fields that choose what the train stream of each data.source reads.
+_STREAM_FIELDS = {"folder": ("data.path",),
+                  "tfds": ("data.tfds_name", "data.tfds_data_dir", "data.train_split",
+                           "data.image_key"),
+                  "synthetic": ("data.synthetic_size",), "samples": ("data.synthetic_size",)}
+_RESTART = ("the model continues from the checkpoint, the data stream restarts from its beginning "
+            "(epoch 0 of the seeded shuffle)")
+
+
+class _Absent:
+  """A field missing from one of the two configs."""
+
+  def __repr__(self) -> str:
+    return "<absent>"
+
+
+ABSENT = _Absent()
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  """One field that differs. `old`/`new` are JSON-like values (lists for tuples) or ABSENT."""
+
+  field: str  # Dotted name, e.g. "model.ch_mult".
+  old: Any
+  new: Any
+  kind: str  # One of KINDS.
+  note: str  # What happens, e.g. "EMA turned on; the average starts from the restored ...".
+  warn: bool = False  # Log as a warning.
+
+  def line(self, step: int) -> str:
+    return f"resume at step {step}: {self.field} {_fmt(self.old)} -> {_fmt(self.new)}: {self.note}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the loop does at a resume with a changed config: log `lines` (`warnings` as warnings),
+  then act on the flags. ema_on: EMA from the restored params; ema_off: drop it; disc_on: fresh
+  discriminator and optimizer; disc_off: drop their state; freeze_changed: reset the Adam moments of
+  optim.ENCODER_SIDE; reset_data: restore without the data iterator. learning_rates: (old, new)
+  rate at `step` when a schedule field changed."""
+
+  step: int
+  changes: tuple[Change, ...] = ()
+  lines: tuple[str, ...] = ()
+  warnings: tuple[str, ...] = ()
+  ema_on: bool = False
+  ema_off: bool = False
+  disc_on: bool = False
+  disc_off: bool = False
+  freeze_changed: bool = False
+  reset_data: bool = False
+  learning_rates: tuple[float, float] | None = None
+
+  def log(self) -> None:
+    """Logs every line (warnings as warnings) with absl."""
+    for line in self.lines:
+      (logging.warning if line in self.warnings else logging.info)("%s", line)
+
+
+def _fmt(value: Any) -> str:
+  return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
+def _plain(value: Any) -> Any:
+  """JSON-ready copy: ConfigDicts and dicts as dicts, tuples as lists, references resolved."""
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    value = value.to_dict()
+  if isinstance(value, ml_collections.FieldReference):
+    value = value.get()
+  if isinstance(value, dict):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return value.item() if callable(getattr(value, "item", None)) else str(value)  # numpy scalars.
+
+
+def config_to_json(config: ml_collections.ConfigDict | dict) -> str:
+  """The config as JSON text to store with a checkpoint (tuples as lists, references resolved,
+  placeholders as null; values JSON cannot hold are stored as their str())."""
+  return json.dumps(_plain(config), sort_keys=True, indent=1)
+
+
+def config_from_json(text: str) -> dict[str, Any]:
+  """Parses `config_to_json` output back into a nested dict. Raises ConfigError if it is not one."""
+  try:
+    value = json.loads(text)
+  except ValueError as e:
+    raise ConfigError(f"the stored run config is not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ConfigError(f"the stored run config is a {type(value).__name__}, not a JSON object")
+  return value
+
+
+def config_from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A ConfigDict from a stored config dict, with lists turned back into tuples."""
+  tuplify = lambda v: (tuple(tuplify(x) for x in v) if isinstance(v, list) else
+                       {k: tuplify(x) for k, x in v.items()} if isinstance(v, dict) else v)
+  return ml_collections.ConfigDict(tuplify(_plain(d)))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _attention_levels(f: dict[str, Any]) -> tuple[int, ...] | None:
+  """The levels of the autoencoder with self-attention (besides the mid block); None: unknown."""
+  try:
+    res, attn = int(f["image_size"]), set(f["model.attn_resolutions"])
+    return tuple(i for i in range(len(f["model.ch_mult"])) if res // 2**i in attn)
+  except (KeyError, TypeError, ValueError):
+    return None
+
+
+def _data_effect(field: str, o: dict[str, Any], n: dict[str, Any]) -> str:
+  """'train' (changes what the train stream reads), 'eval' (only the eval set), or 'none'."""
+  source = n.get("data.source")
+  if field == "data.source" or o.get("data.source") != source:
+    return "train"
+  if field in _STREAM_FIELDS.get(source, ()):
+    return "train"
+  if source == "folder" and field == "data.eval_path":
+    # With an eval_path all of data.path trains; without, a held-out share is taken out of it.
+    return "train" if bool(o.get(field)) != bool(n.get(field)) else "eval"
+  if source == "folder" and field == "data.eval_fraction":
+    return "train" if not (o.get("data.eval_path") or n.get("data.eval_path")) else "none"
+  if source == "tfds" and field == "data.eval_split":
+    return "eval"
+  if any(field in fields for fields in _STREAM_FIELDS.values()) or field in (
+      "data.eval_path", "data.eval_fraction", "data.eval_split"):
+    return "none"
+  return "other"
+
+
+def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
+              n: dict[str, Any]) -> tuple[str, str, bool]:
+  """(kind, note, warn) of one changed field; o and n are the flattened old and new configs."""
+  if old is ABSENT or new is ABSENT:
+    where = "added to" if old is ABSENT else "removed from"
+    return ("continue", f"a field {where} the config since the checkpoint (another vae_scale "
+            "version?); assumed not to change the saved state", True)
+  if field in AE_SHAPE_FIELDS:
+    return "architecture", "changes the autoencoder's parameter shapes or modules", False
+  if field == "model.norm_groups":
+    return ("architecture", "same parameter shapes, but the weights were trained to compute "
+            "another function", False)
+  if field in ("model.attn_resolutions", "image_size"):
+    before, after = _attention_levels(o), _attention_levels(n)
+    if before != after or before is None:
+      return "architecture", "moves self-attention to other levels of the autoencoder", False
+    if field == "model.attn_resolutions":
+      return "continue", "no level gains or loses attention at this image_size", False
+    if n.get("data.source") in ("synthetic", "samples"):
+      return "data", f"the {n['data.source']} source is built at the image size: {_RESTART}", True
+    return "continue", "the model is fully convolutional: same parameters, other crop size", False
+  if field in DISC_ARCH_FIELDS:
+    if o.get("disc.enabled") and n.get("disc.enabled"):
+      return "architecture", "changes the discriminator's architecture", False
+    return "continue", "no saved discriminator state is affected (it is off before or after)", False
+  dropped = "is dropped from new checkpoints (older checkpoints keep it)"
+  if field == "disc.enabled":
+    return "disc", ("discriminator turned on; it and its optimizer start from a fresh init"
+                    if new else f"discriminator turned off; its state {dropped}"), False
+  if field == "ema_decay":
+    if (old > 0) != (new > 0):
+      return "ema", ("EMA turned on; the average starts from the restored parameters" if new > 0
+                     else f"EMA turned off; the average {dropped}"), False
+    return "continue", "EMA decay changed; the average continues", False
+  if field == "freeze_encoder":
+    side = " and ".join(optim.ENCODER_SIDE)
+    return "freeze", (f"encoder frozen: {side} stop training and their Adam moments are reset"
+                      if new else f"encoder unfrozen: {side} train again with Adam moments from "
+                      "zero") + "; the decoder's are kept", False
+  if field == "init_from":
+    return "continue", "only read when a run starts (step 0); no effect on a resumed run", True
+  if field == "seed":
+    note = ("the data order changes (the train step's random stream is saved in the checkpoint "
+            f"and continues): {_RESTART}")
+    if n.get("data.source") == "folder" and not n.get("data.eval_path"):
+      note += ("; the held-out evaluation files change and some were trained on: eval metrics are "
+               "not comparable with earlier ones")
+    return "data", note, True
+  if field == "global_batch_size":
+    base = LDM_BASE_LEARNING_RATE
+    return ("continue", f"each step now takes {new} images instead of {old}; the data position "
+            "(counted in images) is kept, but step-counted settings (num_train_steps, schedule, "
+            f"disc.start_step, intervals) now cover {new / old:.3g}x as many images (LDM scales "
+            f"learning rates with the batch: {base:g} x {new} = {base * new:.3g}; "
+            f"optimizer.learning_rate is {n.get('optimizer.learning_rate')!r})", True)
+  if field == "data.num_workers":
+    if (old == 0) != (new == 0):
+      return "data", ("the iterator states of in-process loading and of worker processes are not "
+                      f"interchangeable: {_RESTART}"), True
+    return "continue", ("the stream resumes, but its examples come in another order than an "
+                        "uninterrupted run's"), True
+  if field.startswith("data.") or field == "num_eval_images":
+    effect = "eval" if field == "num_eval_images" else _data_effect(field, o, n)
+    if effect == "train":
+      return "data", f"changes what the train stream reads: {_RESTART}", True
+    if effect == "eval":
+      return ("continue", "changes the evaluation set: eval metrics from here on are not "
+              "comparable with earlier ones", True)
+    if effect == "none":
+      return "continue", f"no effect with data.source={n.get('data.source')!r}", False
+    return "continue", "decoding and prefetching only; the data position is kept", False
+  if field == "disc.learning_rate" and o.get("disc.enabled") and n.get("disc.enabled"):
+    jump = abs(new - old) > LR_JUMP * max(abs(old), abs(new))
+    return "continue", "the discriminator's constant learning rate changes", jump
+  if field.startswith("model."):
+    return "continue", "computation only; the parameters are unchanged", False
+  return "continue", "same state; training continues", False
+
+
+def diff(old: dict[str, Any], new: ml_collections.ConfigDict | dict[str, Any]) -> list[Change]:
+  """Every field that differs between a stored config and the rerun's, classified.
+
+  Args:
+    old: the config the checkpoint was saved with (`config_from_json` output, or any config).
+    new: the rerun's config.
+  Returns:
+    The changes, sorted by dotted field name; fields in only one config have old or new ABSENT.
+  """
+  o, n = _flatten(_plain(old)), _flatten(_plain(new))
+  changes = []
+  for field in sorted(set(o) | set(n)):
+    a, b = o.get(field, ABSENT), n.get(field, ABSENT)
+    # Same value and type; 1 and 1.0 are the same setting, True and 1 are not.
+    if a == b and (type(a) is type(b) or {type(a), type(b)} <= {int, float}):
+      continue
+    kind, note, warn = _classify(field, a, b, o, n)
+    changes.append(Change(field, a, b, kind, note, warn))
+  return changes
+
+
+def _architecture_error(arch: list[Change], step: int, workdir: str) -> ConfigError:
+  names = [f"config.{c.field}: {_fmt(c.old)} -> {_fmt(c.new)}" for c in arch]
+  what = names[0] + (f" (and {'; '.join(names[1:])})" if names[1:] else "")
+  # init_from loads the autoencoder's weights into the new architecture: only when shapes fit.
+  fits = all(c.field == "model.norm_groups" or c.field.startswith("disc.") for c in arch)
+  second = (f"start a new run from these weights with --workdir=NEW --config.init_from={workdir}"
+            if fits else "rerun with the checkpoint's values to resume it (its weights do not fit "
+            "the new shapes, so --config.init_from cannot start from them either)")
+  return ConfigError(f"{what} changes the architecture of the run in {workdir} (checkpoint step "
+                     f"{step}); nothing was changed on disk. Either train in a new --workdir, or "
+                     f"{second}")
+
+
+def plan(changes: list[Change], step: int, old_config: dict[str, Any] | ml_collections.ConfigDict,
+         new_config: ml_collections.ConfigDict | dict[str, Any], *,
+         workdir: str = "WORKDIR") -> Plan:
+  """Decides how to resume at checkpoint `step` with `changes` (from `diff`).
+
+  Args:
+    changes: from `diff(old_config, new_config)`.
+    step: the checkpoint step the run resumes from.
+    old_config, new_config: the stored and the rerun's config (dicts or ConfigDicts).
+    workdir: the run's workdir, named in the error message.
+  Raises:
+    ConfigError: architecture changes: one line with each field old -> new and the ways forward.
+  """
+  arch = [c for c in changes if c.kind == "architecture"]
+  if arch:
+    raise _architecture_error(arch, step, workdir)
+  o, n = _flatten(_plain(old_config)), _flatten(_plain(new_config))
+  rates, lr_checked, out = None, False, []
+  for c in changes:
+    note, warn = c.note, c.warn
+    if c.old is ABSENT or c.new is ABSENT:
+      out.append(c)
+      continue
+    if c.field in LR_FIELDS and not lr_checked:
+      lr_checked = True
+      try:
+        rates = tuple(float(optim.learning_rate_schedule(g.optimizer, g.num_train_steps)(step))
+                      for g in (config_from_dict(old_config), config_from_dict(new_config)))
+      except (AttributeError, KeyError, TypeError, ValueError) as e:
+        note += f"; the learning rates at step {step} cannot be compared ({e})"
+      else:
+        a, b = rates
+        if abs(b - a) > LR_JUMP * max(abs(a), abs(b)):
+          change = f"{100 * (b - a) / a:+.1f}%" if a else "from 0"
+          note += f"; the learning rate at step {step} jumps {a:.4g} -> {b:.4g} ({change})"
+          warn = True
+        else:
+          note += f"; the learning rate at step {step} stays {b:.4g}"
+    if c.field == "num_train_steps" and c.new <= step:
+      note, warn = note + f"; the run already has {step} steps: nothing is left to train", True
+    if c.field == "disc.start_step" and o.get("disc.enabled") and n.get("disc.enabled"):
+      if (step >= c.old) != (step >= c.new):
+        note, warn = note + ("; the adversarial term starts at this step" if step >= c.new else
+                             f"; the adversarial term pauses until step {c.new}"), True
+    if c.field == "disc.enabled" and c.new and step >= n.get("disc.start_step", 0):
+      note, warn = note + (f"; disc.start_step={n.get('disc.start_step')} has passed, so it "
+                           "trains from this step on against a trained autoencoder"), True
+    out.append(dataclasses.replace(c, note=note, warn=warn))
+  lines = tuple(c.line(step) for c in out)
+  has = lambda kind, on: any(c.kind == kind and bool(c.new) == on for c in out)
+  return Plan(
+      step=step, changes=tuple(out), lines=lines,
+      warnings=tuple(line for c, line in zip(out, lines) if c.warn),
+      ema_on=has("ema", True), ema_off=has("ema", False),
+      disc_on=has("disc", True), disc_off=has("disc", False),
+      freeze_changed=any(c.kind == "freeze" for c in out),
+      reset_data=any(c.kind == "data" for c in out), learning_rates=rates)
+
+
+def reconcile(old: dict[str, Any] | str, new: ml_collections.ConfigDict, step: int,
+              workdir: str = "WORKDIR") -> Plan:
+  """`plan(diff(old, new), ...)`; `old` may be the stored JSON text itself."""
+  old = config_from_json(old) if isinstance(old, str) else old
+  return plan(diff(old, new), step, old, new, workdir=workdir)
+
+
+def append_resume_log(workdir: str | os.PathLike, step: int, resume_plan: Plan, *,
+                      enabled: bool = True, clock=time.time) -> None:
+  """Appends one JSON object per change to WORKDIR/resume_log.jsonl; a no-op unless `enabled`.
+
+  Objects: time (`clock()`), step, field, old, new ("<absent>" for a missing field), kind, warn,
+  message (the plan's line). Read-modify-write and an atomic replace: works on gs:// (no appends
+  there), and a kill mid-write leaves the previous file whole.
+  """
+  if not enabled or not resume_plan.changes:
+    return
+  now, _json = clock(), lambda v: repr(v) if v is ABSENT else v
+  entries = [json.dumps({"time": now, "step": step, "field": c.field, "old": _json(c.old),
+                         "new": _json(c.new), "kind": c.kind, "warn": c.warn,
+                         "message": line}, sort_keys=True)
+             for c, line in zip(resume_plan.changes, resume_plan.lines)]
+  path = epath.Path(workdir) / RESUME_LOG
+  text = path.read_text() if path.exists() else ""
+  text += "\n" if text and not text.endswith("\n") else ""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{RESUME_LOG}.tmp-{os.getpid()}")
+  tmp.write_text(text + "".join(e + "\n" for e in entries))
+  tmp.replace(path)
