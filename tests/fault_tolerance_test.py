@@ -138,6 +138,7 @@ def test_dead_peer_makes_the_survivor_exit_nonzero_in_bounded_time(tmp_path):
   assert time.time() - start < 90
 
 
+@pytest.mark.slow
 def test_launcher_stops_the_others_when_one_process_fails():
   sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
   failer = [sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(7)"]

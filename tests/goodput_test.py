@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -292,3 +293,54 @@ def test_marks_are_bounded(tmp_path):
   rec2 = _recorder(tmp_path, clock)
   rec2.restored(190)  # Within the kept marks: exact.
   assert rec2.flush()["goodput/recomputed_s"] == pytest.approx(11.0)
+
+
+# --------------------------------------------------------------------------- a real run, killed
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_reports_the_recomputed_steps(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time as time_lib  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'tests' / 'tiny_config.py'}",
+         f"--workdir={workdir}", "--config.num_train_steps=400", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=8", "--config.eval_every_steps=400",
+         "--config.image_every_steps=400"]
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  record_file = workdir / goodput.FILENAME
+  deadline = time_lib.time() + 240
+  try:
+    while time_lib.time() < deadline:  # Until steps past checkpoint 8 were counted and written.
+      steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("[0-9]*")
+                     if p.name.isdigit()) if (workdir / "checkpoints").exists() else []
+      if record_file.exists() and steps and steps[-1] == 8:
+        counted = max((s.get("last_step") or 0) for s in json.loads(record_file.read_text())[
+            "sessions"])
+        if counted >= 12:
+          break
+      time_lib.sleep(0.05)
+    else:
+      pytest.fail("the run never got past step 12")
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  res = subprocess.run(cmd[:-5] + ["--config.num_train_steps=16", "--config.log_every_steps=1",
+                                   "--config.checkpoint_every_steps=8",
+                                   "--config.eval_every_steps=16",
+                                   "--config.image_every_steps=16"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  record = json.loads(record_file.read_text())
+  seconds = goodput.totals(record)
+  recomputed_steps = sum(s["recomputed_steps"] for s in record["sessions"])
+  assert len(record["sessions"]) == 2 and recomputed_steps >= 4, record["sessions"]
+  assert seconds["recomputed"] > 0 and seconds["productive"] > 0, seconds
+  assert "goodput" in res.stderr.splitlines()[-1] or any("goodput" in l for l in
+                                                         res.stderr.splitlines()[-5:])

@@ -18,6 +18,9 @@ from ml_collections import config_flags
 from conftest import REPO, load_config
 from vae_scale import config_lib
 
+# Every test here starts processes (launcher scripts, stub programs): marked slow as a module.
+pytestmark = pytest.mark.slow
+
 LAUNCH = REPO / "launch"
 GCP = LAUNCH / "gcp.sh"
 
@@ -29,6 +32,7 @@ GCP = LAUNCH / "gcp.sh"
 # worker). Every other call succeeds silently. Running out of story is recorded in `overrun`.
 FAKE_GCLOUD = """#!{python}
 import json, os, sys
+
 
 story = os.environ["FAKE_GCLOUD_DIR"]
 args = sys.argv[1:]

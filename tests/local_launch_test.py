@@ -13,6 +13,9 @@ import pytest
 from conftest import REPO
 from vae_scale import local_launch
 
+# Every test here starts processes (launcher scripts, stub programs): marked slow as a module.
+pytestmark = pytest.mark.slow
+
 # Stands in for vae_scale.main. FAKE_PLAN holds one behaviour per process id, comma-separated:
 #   exit:N       exit N 0.2 s after the waiting peers below are ready
 #   term_exit:N  wait; on SIGTERM exit N (term_exit:42 is vae_scale.main after its checkpoint)
@@ -24,6 +27,7 @@ from vae_scale import local_launch
 # and signal-I with the names of the signals it handled.
 FAKE_MAIN = r'''
 import json, os, signal, sys, time
+
 
 args = sys.argv[1:]
 pid = int(next(a for a in args if a.startswith("--process_id=")).split("=")[1])

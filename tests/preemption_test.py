@@ -87,6 +87,7 @@ def test_sigterm_in_every_phase_exits_42_and_the_reruns_match_an_uninterrupted_r
   jax.tree.map(np.testing.assert_array_equal, uninterrupted["opt_state"], final["opt_state"])
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_main_thread_is_inside_native_code_exits_at_once():
   """The watcher thread acts on the wakeup pipe even while Python code can't run (a compile)."""
   code = ("from vae_scale import preemption; w = preemption.Watch().install(); "

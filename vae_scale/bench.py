@@ -25,6 +25,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -164,7 +165,7 @@ def _pipeline_config(folder: str, image_size: int, batch_size: int, workers: int
   return config
 
 
-def _time_pipeline(config, seconds: float, warmup_seconds: float) -> dict[str, float]:
+def _time_pipeline(config: ml_collections.ConfigDict, seconds: float, warmup_seconds: float) -> dict[str, float]:
   """Images per wall and per CPU second (this process + its workers) of the train stream."""
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   from vae_scale.data import skipping  # pylint: disable=g-import-not-at-top

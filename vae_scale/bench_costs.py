@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from vae_scale import losses
@@ -103,7 +104,7 @@ def analytic_train_flops_per_image(cfg: AutoencoderConfig) -> float:
   return 6.0 * analytic_forward_macs(cfg)["total"]
 
 
-def activation_bytes_per_image(config) -> int:
+def activation_bytes_per_image(config: ml_collections.ConfigDict) -> int:
   """Bytes per image that the autoencoder's forward pass and loss keep for the backward pass.
 
   JAX's residuals of the loss's VJP (traced, nothing compiled or allocated), at batch 2 minus batch

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from vae_scale import bench_costs
 from vae_scale import cli
@@ -57,14 +58,14 @@ class StepProgram:
   compile_s: float
 
 
-def _with_batch(config, global_batch: int):
+def _with_batch(config: ml_collections.ConfigDict, global_batch: int):
   config = config.copy_and_resolve_references()
   config.global_batch_size = global_batch
   config.data.source = "synthetic"  # The benchmark feeds random images; no data is read.
   return config
 
 
-def lower_step(config, variant: str, global_batch: int, devices: Sequence[Any]):
+def lower_step(config: ml_collections.ConfigDict, variant: str, global_batch: int, devices: Sequence[Any]):
   """Lowers `variant`'s train step for `global_batch` images over `devices`, as train.py builds it.
 
   Returns:
@@ -87,7 +88,7 @@ def lower_step(config, variant: str, global_batch: int, devices: Sequence[Any]):
   return lowered, progs.init, progs.batch_sharding
 
 
-def compile_step(config, variant: str, global_batch: int, devices: Sequence[Any]) -> StepProgram:
+def compile_step(config: ml_collections.ConfigDict, variant: str, global_batch: int, devices: Sequence[Any]) -> StepProgram:
   """Lowers and compiles `variant`'s train step, timing both."""
   start = time.perf_counter()
   lowered, init, batch_sh = lower_step(config, variant, global_batch, devices)
@@ -105,7 +106,7 @@ def synthetic_batch(program: StepProgram, image_size: int, seed: int) -> dict[st
   return {"image": make(jax.random.key(seed))}
 
 
-def time_steps(program: StepProgram, config, num_steps: int, warmup: int
+def time_steps(program: StepProgram, config: ml_collections.ConfigDict, num_steps: int, warmup: int
                ) -> tuple[list[float], float]:
   """Runs warm-up steps, then `num_steps` timed steps each ended by block_until_ready.
 
@@ -129,7 +130,7 @@ def time_steps(program: StepProgram, config, num_steps: int, warmup: int
   return times, loss
 
 
-def benchmark_variant(config, variant: str, *, batch_per_device: int, num_steps: int, warmup: int,
+def benchmark_variant(config: ml_collections.ConfigDict, variant: str, *, batch_per_device: int, num_steps: int, warmup: int,
                       devices: Sequence[Any], peak: float | None) -> dict[str, Any]:
   """Compiles and times one variant; the result is one row of the report."""
   n = len(devices)
@@ -175,7 +176,7 @@ def _is_oom(error: Exception) -> bool:
                                  "Resource exhausted", "OOM"))
 
 
-def batch_fits(config, variant: str, batch_per_device: int, devices: Sequence[Any], *,
+def batch_fits(config: ml_collections.ConfigDict | None, variant: str, batch_per_device: int, devices: Sequence[Any], *,
                memory_limit_bytes: int | None, execute: bool) -> tuple[bool, dict[str, Any]]:
   """Whether `batch_per_device` compiles and (with `execute`) runs two steps without running out of
   memory, and (with `memory_limit_bytes`) XLA's buffer estimate fits that limit."""
@@ -204,7 +205,7 @@ def batch_fits(config, variant: str, batch_per_device: int, devices: Sequence[An
     jax.clear_caches()
 
 
-def find_max_batch(config, variant: str, devices: Sequence[Any], *, max_batch: int,
+def find_max_batch(config: ml_collections.ConfigDict | None, variant: str, devices: Sequence[Any], *, max_batch: int,
                    memory_limit_bytes: int | None = None, execute: bool = True) -> dict[str, Any]:
   """The largest per-device batch that fits (doubling from 1, then bisecting), and the trials."""
   trials = []
@@ -238,7 +239,7 @@ def find_max_batch(config, variant: str, devices: Sequence[Any], *, max_batch: i
 # --------------------------------------------------------------------------- report
 
 
-def run(config, *, variants: Sequence[str] = VARIANTS, batch_per_device: int | None = None,
+def run(config: ml_collections.ConfigDict, *, variants: Sequence[str] = VARIANTS, batch_per_device: int | None = None,
         num_steps: int = 10, warmup: int = 2, num_devices: int | None = None,
         peak: float | None = None, max_batch: int = 0, memory_limit_bytes: int | None = None,
         execute_max_batch: bool = True) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from vae_scale.models.autoencoder import DiagonalGaussian
 from vae_scale.models.discriminator import DiscriminatorConfig
 from vae_scale.models.discriminator import NLayerDiscriminator
 
+__all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "DiscriminatorConfig",
+           "NLayerDiscriminator", "Params", "abstract_params", "autoencoder_graphdef",
+           "discriminator_graphdef"]
+
 Params = dict  # A pure nested dict (int keys for lists), as nnx.to_pure_dict returns.
 
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 Array = jax.Array
@@ -38,7 +39,7 @@ class AutoencoderConfig:
   remat: str = "none"
 
   @classmethod
-  def from_config(cls, config) -> "AutoencoderConfig":
+  def from_config(cls, config: ml_collections.ConfigDict) -> "AutoencoderConfig":
     """Builds it from a run config (`config.model` and `config.image_size`)."""
     m = config.model
     return cls(

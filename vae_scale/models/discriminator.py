@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 _PAD = ((1, 1), (1, 1))
@@ -25,7 +26,7 @@ class DiscriminatorConfig:
   dtype: jnp.dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config) -> "DiscriminatorConfig":
+  def from_config(cls, config: ml_collections.ConfigDict) -> "DiscriminatorConfig":
     return cls(in_channels=config.model.out_channels, filters=config.disc.filters,
                n_layers=config.disc.n_layers, norm=config.disc.norm,
                dtype=jnp.dtype(config.model.dtype))
