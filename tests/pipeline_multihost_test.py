@@ -1,7 +1,10 @@
-"""Two JAX processes on localhost read disjoint shares of a folder that together cover it.
+"""Two JAX processes on localhost read disjoint shares of a folder that together cover it: each the
+rows of every global batch that the mesh puts on its devices, so that together they read exactly
+the global batches of one process.
 
 Each process is this file run as a script: it joins `jax.distributed` (CPU), builds the real folder
-pipeline with jax.process_index()/process_count() and writes the example indices it saw.
+pipeline with jax.process_index()/process_count() and the mesh's rows, and writes the example
+indices it saw.
 """
 
 import json
@@ -46,6 +49,7 @@ def _worker(process_id: int, port: int, folder: str, workdir: str, out: str) -> 
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, initialization_timeout=TIMEOUT_S)
   flags.FLAGS.mark_as_parsed()
+  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("demo", os.path.join(repo, "configs", "demo.py"))
@@ -59,13 +63,14 @@ def _worker(process_id: int, port: int, folder: str, workdir: str, out: str) -> 
   config.global_batch_size = 2 * PER_PROCESS_BATCH
   config.num_eval_images = NUM_FILES
   pi, pc = jax.process_index(), jax.process_count()
-  train = iter(pipeline.create_train_dataset(config, pi, pc, workdir=workdir))
+  rows = sharding.process_rows(sharding.create_mesh(), config.global_batch_size)
+  train = iter(pipeline.create_train_dataset(config, pi, pc, workdir=workdir, rows=rows))
   batches = [next(train) for _ in range(NUM_FILES // (pc * PER_PROCESS_BATCH))]
   eval_ds = pipeline.create_eval_dataset(config, pi, pc, workdir=workdir)
   eval_seen = [i for b in pipeline.eval_batches(config, eval_ds, pc)
                for i in _indices(b["image"][b["weight"] > 0])]  # Not the weight-0 padding.
   with open(out, "w") as f:
-    json.dump({"process": [pi, pc], "devices": jax.device_count(),
+    json.dump({"process": [pi, pc], "devices": jax.device_count(), "rows": rows.tolist(),
                "train": [i for b in batches for i in _indices(b["image"])],
                "skipped": sum(int(b["skipped"].sum()) for b in batches),
                "batch": list(batches[0]["image"].shape), "eval": eval_seen}, f)
@@ -100,10 +105,25 @@ def test_two_processes_read_disjoint_shares_that_cover_the_folder(tmp_path):
   a, b = (set(s["train"]) for s in seen)
   assert len(a) == len(seen[0]["train"]) == NUM_FILES // 2 and not a & b
   assert a | b == set(range(NUM_FILES)) and seen[0]["skipped"] == seen[1]["skipped"] == 0
+  # The mesh lists the devices process by process: rows [p*8, (p+1)*8) of each global batch, and
+  # the two shares are the global batches one process reads, split in halves.
+  assert [s["rows"] for s in seen] == [list(range(8)), list(range(8, 16))]
+  one = _one_process_indices(folder, len(seen[0]["train"]) // PER_PROCESS_BATCH)
+  for s, batch in enumerate(one):
+    assert seen[0]["train"][8 * s:8 * s + 8] + seen[1]["train"][8 * s:8 * s + 8] == batch
   ea, eb = (set(s["eval"]) for s in seen)
   assert not ea & eb and ea | eb == set(range(NUM_FILES))
   assert len(seen[0]["eval"]) + len(seen[1]["eval"]) == NUM_FILES  # Each held-out image once.
   assert len(os.listdir(os.path.join(workdir, "file_lists"))) == 2  # One listing + its metadata.
+
+
+def _one_process_indices(folder, num_batches):
+  """The indices of the first global batches (of 16) one process reads from `folder`."""
+  from conftest import folder_config  # pylint: disable=g-import-not-at-top
+  from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = folder_config(folder, global_batch_size=2 * PER_PROCESS_BATCH)
+  it = iter(pipeline.create_train_dataset(config, 0, 1))
+  return [_indices(next(it)["image"]) for _ in range(num_batches)]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""pipeline: the train stream (determinism, disjoint process shares, iterator state restore) and the
-eval set (fixed center crops, unreadable files dropped, weight-0 padding)."""
+"""pipeline: the train stream (determinism; global batches the same for any process count, resume
+position and worker count; layout-independent bad-file substitutes) and the eval set (fixed center
+crops, unreadable files dropped, weight-0 padding)."""
 
-import json
 import os
 
 import numpy as np
@@ -17,6 +17,8 @@ from conftest import write_files
 from vae_scale import transforms
 from vae_scale.data import file_lists
 from vae_scale.data import pipeline
+from vae_scale.data import sampler
+from vae_scale.data import sources
 
 
 class IndexSource:
@@ -72,32 +74,105 @@ def test_processes_read_disjoint_shares_covering_the_epoch():
   assert set(seen[0]) | set(seen[1]) == set(range(64))
 
 
-def test_iterator_state_restores_the_identical_next_batch():
-  config = tiny_config()
-  it = iter(pipeline.create_train_dataset(config, 0, 1))
-  take(it, 2)
-  state = it.get_state()
-  want = next(it)
-  it2 = iter(pipeline.create_train_dataset(config, 0, 1))
-  it2.set_state(state)
-  np.testing.assert_array_equal(next(it2)["image"], want["image"])
+def _global_batches(config, process_count, num_batches, source=None, start=0):
+  """Global batches assembled from `process_count` per-process streams, each process's rows where
+  a mesh listing devices process by process puts them (rows [p*b, (p+1)*b))."""
+  streams = [iter(pipeline.create_train_dataset(config, p, process_count, source=source,
+                                                start=start)) for p in range(process_count)]
+  out = []
+  for _ in range(num_batches):
+    parts = [next(it) for it in streams]
+    out.append({k: np.concatenate([part[k] for part in parts]) for k in ("image", "skipped")})
+  return out
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["skipped"], y["skipped"])
+
+
+def test_global_batches_are_the_same_for_any_process_count_and_resume_position():
+  config = tiny_config(global_batch_size=8)  # Synthetic images: exact pixels, crops included.
+  one = _global_batches(config, 1, 10)  # 64 examples: an epoch is 8 global batches.
+  for p in (2, 4):
+    _assert_same_batches(_global_batches(config, p, 10), one)
+  # A resume at step 3 on 4 processes continues with global batch 3 of the 1-process stream.
+  _assert_same_batches(_global_batches(config, 4, 7, start=3 * 8), one[3:])
+  # Every index of an epoch once, across the epoch's global batches.
+  src = IndexSource(64, 16)
+  seen = [i for b in _global_batches(config, 2, 8, source=src) for i in _indices(b)]
+  assert sorted(seen) == list(range(64))
+
+
+def test_a_changed_global_batch_continues_from_the_same_example():
+  src = IndexSource(64, 16)
+  flat = [i for b in _global_batches(tiny_config(global_batch_size=8), 1, 6, source=src)
+          for i in _indices(b)]
+  # Checkpoint after 3 steps of 8 examples, resumed with a global batch of 4 on 2 processes.
+  after = [i for b in _global_batches(tiny_config(global_batch_size=4), 2, 6, source=src,
+                                      start=24) for i in _indices(b)]
+  assert after == flat[24:48]
+
+
+def test_global_order_is_a_new_permutation_every_epoch():
+  order = sampler.global_order(50, seed=0)
+  epochs = [[order[e * 50 + i] for i in range(50)] for e in range(3)]
+  assert all(sorted(e) == list(range(50)) for e in epochs)
+  assert epochs[0] != epochs[1] != epochs[2]
+  assert [sampler.global_order(50, seed=0)[i] for i in range(50)] == epochs[0]
+  assert [sampler.global_order(50, seed=1)[i] for i in range(50)] != epochs[0]
+
+
+def _expected_substitutes(files, bad_names, seed, first, count):
+  """(source index read, skipped) of global examples first..first+count: each unreadable element
+  at g replaced by the element at g + k*n, the first readable k."""
+  order, n, out = sampler.global_order(len(files), seed), len(files), []
+  for g in range(first, first + count):
+    k = 0
+    while os.path.basename(files[order[g + k * n]]) in bad_names:
+      k += 1
+    out.append((order[g + k * n], k))
+  return out
+
+
+def test_unreadable_files_get_the_same_substitutes_in_every_layout(tmp_path):
+  good, bad = good_image_files(), bad_image_files()
+  write_files(tmp_path, {**good, **bad})
+  files = file_lists.list_image_files(str(tmp_path))
+  source = sources.FolderSource(files, "x")
+  config = folder_config(tmp_path, global_batch_size=4)
+  one = _global_batches(config, 1, 8, source=source)  # 32 examples of 22 files: 1.5 epochs.
+  for p in (2, 4):  # 4 processes: one example each.
+    _assert_same_batches(_global_batches(config, p, 8, source=source), one)
+  _assert_same_batches(_global_batches(config, 2, 3, source=source, start=5 * 4), one[5:])
+  want = _expected_substitutes(files, set(bad), config.seed, 0, 32)
+  got_skipped = [int(k) for b in one for k in b["skipped"]]
+  assert got_skipped == [k for _, k in want]
+  assert sum(got_skipped) >= 10  # 7 of 22 files are bad: about a third of the reads.
+  # Each example is the substitute's own train view: its decode and crop from (seed, g, k).
+  g = next(i for i, (_, k) in enumerate(want) if k)
+  index, k = want[g]
+  image = transforms.load_image(files[index], config.data.max_pixels, min_size=16)
+  crop = transforms.train_crop(image, 16, sampler.crop_rng(config.seed, g, k))
+  np.testing.assert_array_equal(one[g // 4]["image"][g % 4], transforms.to_signed_float(crop))
 
 
 @pytest.mark.slow  # Starts Grain worker processes.
-def test_worker_pipeline_state_restores_the_identical_next_batch():
-  config = tiny_config(**{"data.num_workers": 2})
-  it = iter(pipeline.create_train_dataset(config, 0, 1))
-  take(it, 3)
-  state = json.loads(json.dumps(it.get_state()))  # As the Orbax handler stores it.
-  want = take(it, 2)
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_worker_processes_yield_the_batches_of_in_process_loading(num_workers):
+  config = tiny_config()
+  # Process 1 of 2, resumed at global example 40: workers split the stream by whole batches.
+  want = take(iter(pipeline.create_train_dataset(config, 1, 2, start=40)), 5)
+  config.data.num_workers = num_workers
+  it = iter(pipeline.create_train_dataset(config, 1, 2, start=40))
+  got = take(it, 5)
   it.close()
-  it2 = iter(pipeline.create_train_dataset(config, 0, 1))
-  it2.set_state(state)
-  got = take(it2, 2)
-  it2.close()
   for w, g in zip(want, got):
-    assert g["image"].dtype == np.float32 and g["image"].shape == (8, 16, 16, 3)
+    assert g["image"].dtype == np.float32 and g["image"].shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(g["image"], w["image"])
+    np.testing.assert_array_equal(g["skipped"], w["skipped"])
 
 
 # --------------------------------------------------------------------------- eval

@@ -112,6 +112,42 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def rows_of_process(shard_rows: Sequence[tuple[int, slice]], process_index: int,
+                    global_batch_size: int) -> np.ndarray:
+  """The global rows a process's local rows fill, from (process of a device, its row slice).
+
+  `jax.make_array_from_process_local_data` hands a process's devices the slices of its local
+  batch in the order of the global rows they hold: local row i becomes the i-th smallest of
+  the process's global rows, wherever the mesh puts its devices.
+  """
+  slices = sorted({(s.start or 0, global_batch_size if s.stop is None else s.stop)
+                   for p, s in shard_rows if p == process_index})
+  if not slices:
+    raise ValueError(f"process {process_index} holds no rows of the batch")
+  return np.concatenate([np.arange(a, b) for a, b in slices])
+
+
+def process_rows(mesh: Mesh, global_batch_size: int,
+                 process_index: int | None = None) -> np.ndarray:
+  """The rows of every global batch that `global_batch` fills from a process's local batch.
+
+  Input pipelines load exactly these examples of each global batch (`data.sampler`), so the
+  assembled global batch is the same for any process count and any device order. On a mesh that
+  lists devices process by process (CPU, GPU hosts) they are [p*b, (p+1)*b), b = B / P.
+
+  Args:
+    mesh: the data mesh.
+    global_batch_size: B.
+    process_index: default this process.
+  Returns:
+    [B / process_count] ints in [0, B): local row i is global row rows[i].
+  """
+  p = jax.process_index() if process_index is None else process_index
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+  return rows_of_process([(d.process_index, idx[0]) for d, idx in index_map.items()], p,
+                         global_batch_size)
+
+
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings, the restore target for Orbax."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

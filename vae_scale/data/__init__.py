@@ -2,6 +2,7 @@
 
   sources     random-access sources (folder, TFDS, samples, synthetic) and `make_source`
   file_lists  directory scans, globs and manifests, cached in the workdir
-  skipping    unreadable files skipped and counted; when to stop
+  sampler     the global example order, each process's rows of it, the checkpointed position
+  skipping    unreadable files replaced by layout-independent substitutes, counted; when to stop
   pipeline    the train, eval and encode chains
 """

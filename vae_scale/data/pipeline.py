@@ -1,14 +1,16 @@
 """Grain chains: host-local numpy batches of images in [-1, 1]. Never touches devices.
 
-Train (endless, shuffled, augmented; checkpointable through `grain.checkpoint`):
+Train (endless, shuffled, augmented, elastic; see `sampler` for the order and why):
 
-  source -> seed/shuffle -> repeat -> [process_index::process_count] -> decode + crop (a bad file
-  becomes an error record) -> to_iter_dataset -> skip bad files, counting them -> batch (uint8 to
-  float32) -> prefetch (worker processes)
+  local slot j -> global index g (`sampler.Slots`: this process's rows of each global batch) ->
+  source element of the global order (an unreadable one replaced by a substitute, counted) ->
+  decode + crop (randomness from g) -> batch (uint8 to float32) [-> worker processes]
 
-so each process reads a disjoint share of every epoch. Every train batch is
-`{'image': float32 [b, H, W, 3] in [-1, 1], 'skipped': int32 [b]}` (see `skipping`); pop 'skipped'
-before the batch goes to the devices.
+A stream starts at any global index (`start`, the resume position), and the global batches
+assembled from all processes' streams are the same example for example for any process count,
+worker count or device count. Every train batch is
+`{'image': float32 [b, H, W, 3] in [-1, 1], 'skipped': int32 [b]}` (see `skipping`); pop
+'skipped' before the batch goes to the devices.
 
 Eval (the first `num_eval_images` examples, center crops, fixed order): every process yields the
 same number of batches `{'image': float32 [b, H, W, 3], 'weight': float32 [b]}`, a share cut short
@@ -32,6 +34,7 @@ from grain.python import SharedMemoryArray
 
 from vae_scale import config_lib
 from vae_scale import transforms
+from vae_scale.data import sampler
 from vae_scale.data import skipping
 from vae_scale.data import sources
 from vae_scale.errors import DataError
@@ -53,7 +56,7 @@ def _load(element: Any, max_pixels: int, min_size: int | None):
   return transforms.as_rgb_array(element)
 
 
-def _reduced_jpeg_decode(config) -> bool:
+def _reduced_jpeg_decode(config: ml_collections.ConfigDict) -> bool:
   # Decoding large JPEGs at 1/2, 1/4 or 1/8 scale (never below image_size) is several times
   # faster and differs from a full decode by less than bilinear vs bicubic resizing does.
   return bool(config.data.get("reduced_jpeg_decode", True))
@@ -66,22 +69,37 @@ def _describe(element: Any, error: Exception) -> str:
   return f"{where}: {type(error).__name__}: {error}"
 
 
-@dataclasses.dataclass(frozen=True)
 class _TrainExample:
-  """Decode + LDM train view. A file that can't be used becomes {'error': 'path: reason'}."""
+  """Local slot -> the LDM train view (uint8) of the example at its global index.
 
-  size: int
-  max_pixels: int
-  reduced_jpeg_decode: bool = True
+  An unreadable element is replaced by the first readable of `sampler.alternate(g, k, n)`,
+  k = 1, 2, ...; k is the example's 'skipped' count. `BadFiles` stops the run when nearly
+  nothing is readable. Returns {'image': uint8 [size, size, 3], 'skipped': int32}.
+  """
 
-  def __call__(self, element: Any, rng: np.random.Generator) -> dict[str, Any]:
-    try:
-      image = _load(element, self.max_pixels, self.size if self.reduced_jpeg_decode else None)
-      # uint8 until batching: `_Collate` writes floats once, straight into the batch.
-      return {"image": transforms.train_crop(image, self.size, rng)}
-    except Exception as e:  # pylint: disable=broad-except
-      # Real folders hold files that break decoders in every way; one must never stop a worker.
-      return {"error": _describe(element, e)}
+  def __init__(self, source: Any, slots: sampler.Slots, seed: int, size: int, max_pixels: int,
+               reduced_jpeg_decode: bool, policy: skipping.SkipPolicy):
+    self._source, self._slots, self._seed = source, slots, seed
+    self._order = sampler.global_order(len(source), seed)
+    self._size, self._max_pixels = size, max_pixels
+    self._min_size = size if reduced_jpeg_decode else None
+    self._bad = skipping.BadFiles(policy)
+
+  def __call__(self, slot: int) -> dict[str, Any]:
+    g, n = self._slots(slot), len(self._source)
+    for k in range(self._bad.policy.max_consecutive_bad + 1):
+      element = self._source[self._order[sampler.alternate(g, k, n)]]
+      try:
+        image = _load(element, self._max_pixels, self._min_size)
+        # uint8 until batching: `_Collate` writes floats once, straight into the batch.
+        crop = transforms.train_crop(image, self._size, sampler.crop_rng(self._seed, g, k))
+      except Exception as e:  # pylint: disable=broad-except
+        # Real folders hold files that break decoders in every way; one must never stop a worker.
+        self._bad.failed(_describe(element, e), tries_for_example=k + 1)
+        continue
+      self._bad.good()
+      return {"image": crop, skipping.SKIPPED_KEY: np.int32(k)}
+    raise AssertionError("unreachable: BadFiles stops after max_consecutive_bad failures")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,47 +158,74 @@ def _batch_to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- train
 
 
-def create_train_dataset(config: ml_collections.ConfigDict, process_index: int, process_count: int, source=None, *,
-                         workdir: str | None = None,
-                         skip_policy: skipping.SkipPolicy = skipping.SkipPolicy()
-                         ) -> grain.IterDataset:
-  """The endless, shuffled, augmented train stream of this process.
+class _SharedMemoryBatches(grain.IterDataset):
+  """Marks the batches as shared-memory capable for `mp_prefetch`: the batch is a MapDataset step
+  here (so workers split the stream by whole batches), and Grain only asks the top dataset."""
+
+  def __init__(self, parent: grain.IterDataset, collate: "_Collate"):
+    super().__init__(parent)
+    self._collate = collate
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return self._parent.__iter__()
+
+  def enable_shared_memory_output(self) -> None:
+    self._collate.enable_shared_memory_output()
+
+  def __str__(self) -> str:
+    return "SharedMemoryBatches"
+
+
+def create_train_dataset(config: ml_collections.ConfigDict, process_index: int,
+                         process_count: int, source=None, *, workdir: str | None = None,
+                         skip_policy: skipping.SkipPolicy = skipping.SkipPolicy(),
+                         start: int = 0, rows: Sequence[int] | None = None) -> grain.IterDataset:
+  """The endless, shuffled, augmented train stream of this process, from global example `start`.
 
   Args:
     config: the run config.
-    process_index, process_count: this process's share is every process_count-th example of
-      each shuffled epoch, starting at process_index.
+    process_index, process_count: this process; it loads b = global_batch_size // process_count
+      examples of each global batch.
     source: overrides `make_source(config, 'train')`.
     workdir: caches folder listings there (see `list_image_files`).
     skip_policy: when unreadable files stop the run.
+    start: the global index where this stream's first global batch starts: 0 for a fresh run,
+      the checkpoint's data position (`sampler.DataPosition`) for a resumed one.
+    rows: the rows of each global batch this process loads, in local order (the train loop
+      passes `sharding.process_rows(mesh, ...)`); default rows [p*b, (p+1)*b).
   Returns:
-    Batches {'image': float32 [b, H, W, 3] in [-1, 1], 'skipped': int32 [b]} with
-    b = global_batch_size // process_count good images; 'skipped'.sum() is the number of
-    unreadable files passed over while collecting them.
+    Batches {'image': float32 [b, H, W, 3] in [-1, 1], 'skipped': int32 [b]}: batch s holds
+    global examples start + s*global_batch_size + rows; 'skipped'.sum() is the number of
+    unreadable files passed over while filling it. The same for any num_workers.
   """
   source = source if source is not None else sources.make_source(config, "train", workdir)
   if len(source) == 0:
     raise DataError(f"the train source {source!r} is empty")
   batch_size = per_process_batch_size(config.global_batch_size, process_count)
-  ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.random_map(_TrainExample(config.image_size, config.data.max_pixels,
-                                   _reduced_jpeg_decode(config)))
+  rows = (sampler.process_rows(config.global_batch_size, process_index, process_count)
+          if rows is None else rows)
+  if len(rows) != batch_size:
+    raise ValueError(f"{len(rows)} rows for a per-process batch of {batch_size}")
+  slots = sampler.Slots.of(start, config.global_batch_size, rows)
+  ds = grain.MapDataset.range(sampler.ENDLESS).map(_TrainExample(
+      source, slots, config.seed, config.image_size, config.data.max_pixels,
+      _reduced_jpeg_decode(config), skip_policy))
   workers = config.data.num_workers
-  # In worker processes each worker decodes on its own thread (one worker per core); without
-  # workers, threads overlap the decodes (PIL releases the GIL) in the trainer process.
-  it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=0 if workers else 4,
-      prefetch_buffer_size=config.data.prefetch_batches * batch_size))
-  it = skipping.SkipBad(it, skip_policy)
   if workers == 0:
+    # Threads overlap the decodes of one batch (PIL releases the GIL) in the trainer process.
+    it = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=4, prefetch_buffer_size=config.data.prefetch_batches * batch_size))
     return it.batch(batch_size, drop_remainder=True, batch_fn=_Collate())
-  # Workers batch straight into shared memory (the batch is the last step in the worker), in
-  # uint8: Grain's fresh segment per batch costs ~5x more per byte than private memory, so only a
-  # quarter of the bytes cross it, and a thread of the trainer process (numpy releases the GIL)
-  # converts them to float32 off the training loop's thread.
-  it = it.batch(batch_size, drop_remainder=True, batch_fn=_Collate(to_float=False))
-  it = it.mp_prefetch(grain.MultiprocessingOptions(
+  # Batched before the workers split the stream, so worker i makes whole batches i, i+W, ... and
+  # mp_prefetch's round robin restores their order: the same batches as without workers. Each
+  # worker decodes on its own thread (one worker per core). Workers batch straight into shared
+  # memory, in uint8: Grain's fresh segment per batch costs ~5x more per byte than private
+  # memory, so only a quarter of the bytes cross it, and a thread of the trainer process (numpy
+  # releases the GIL) converts them to float32 off the training loop's thread.
+  collate = _Collate(to_float=False)
+  it = ds.batch(batch_size, drop_remainder=True, batch_fn=collate).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=config.data.prefetch_batches))
+  it = _SharedMemoryBatches(it, collate).mp_prefetch(grain.MultiprocessingOptions(
       num_workers=workers, per_worker_buffer_size=config.data.prefetch_batches))
   it = it.map(_batch_to_float)
   return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=2)
