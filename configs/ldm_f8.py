@@ -50,9 +50,19 @@ def get_config() -> ml_collections.ConfigDict:
   # -- Loss --------------------------------------------------------------------
   # Reconstruction terms are per-element means of images in [-1, 1]. The KL term enters the loss
   # as a mean per latent element, so kl_weight = 1e-6 (LDM's weight on summed units) * 4096 / 196608.
+  # (configs/ldm_f8_lpips.py is LDM's own loss: L1 + LPIPS in summed units, reduction=ldm_sum.)
   config.loss = ml_collections.ConfigDict()
   config.loss.l1_weight = 1.0
   config.loss.ssim_weight = 0.5  # On 1 - SSIM (11x11 Gaussian window, sigma 1.5, images in [0, 1]).
+  config.loss.l2_weight = 0.0  # Squared error per element (SD ft-MSE's "MSE").
+  # LPIPS-VGG v0.1 per image, broadcast to every element as LDM adds it; needs lpips_weights.
+  config.loss.perceptual_weight = 0.0
+  # LPIPS weights (safetensors): make once with `python -m vae_scale.convert lpips --out=FILE`.
+  # Also gives evaluations an LPIPS column when set.
+  config.loss.lpips_weights = ""
+  # mean: per-element means (kl_weight per latent element); ldm_sum: LDM's units, the
+  # reconstruction summed over pixels and the KL over latent elements, both averaged over images.
+  config.loss.reduction = "mean"
   config.loss.kl_weight = 2.0833e-8
   config.loss.kl_warmup_steps = 0  # Linear KL-weight warm-up from 0; 0 = off.
 
@@ -97,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 5_000
   config.num_eval_images = 512  # Held-out images per evaluation.
+  # pytorch-fid's Inception (safetensors, `python -m vae_scale.convert inception`): when set, every
+  # evaluation also reports rFID (an Inception pass per image and reconstruction: not free).
+  config.inception_weights = ""
   config.image_every_steps = 5_000  # Reconstruction grids (TensorBoard + PNG).
   config.checkpoint_every_steps = 5_000
   config.max_checkpoints_to_keep = 3

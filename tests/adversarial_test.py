@@ -103,6 +103,38 @@ def test_adaptive_weight_equals_direct_gradient_norms():
 
 
 @pytest.mark.slow
+def test_adaptive_weight_is_taken_on_the_whole_reconstruction_term_with_lpips(tmp_path):
+  """With LPIPS in the loss, d_weight's numerator is the gradient of L1 + LPIPS (as taming takes
+  it on nll_loss), not of L1 alone."""
+  import feature_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import lpips  # pylint: disable=g-import-not-at-top
+  path, _ = feature_nets.lpips_files(feature_nets.torch_lpips(), str(tmp_path))
+  lpips_params = torch_nets.load_lpips_params(path)
+  config = _gan_config(**{"loss.perceptual_weight": 1.0, "loss.lpips_weights": path,
+                          "loss.reduction": "ldm_sum", "loss.ssim_weight": 0.0})
+  cfg, state, batch = _setup(config, True)
+  x = batch["image"]
+  model = nnx.merge(cfg.graphdef, state.params)
+  rng = jax.random.key(3)
+  recon, _, h = model.forward_with_features(x, rng)
+  rec_g, _ = jax.jit(steps.last_layer_grads, static_argnums=0)(
+      cfg, x, h, recon, state.params, state.disc_params, state.disc_stats, lpips_params)
+
+  def direct(loss_of_recon):  # Through the whole autoencoder, then the last kernel's entry.
+    def f(params):
+      r, _, _ = nnx.merge(cfg.graphdef, params).forward_with_features(x, rng)
+      return loss_of_recon(r)
+    return np.asarray(jax.jit(jax.grad(f))(state.params)["decoder"]["conv_out"]["kernel"])
+  # LDM's nll: sum over pixels of |x - x_hat| + LPIPS per image broadcast, / B.
+  ldm_nll = lambda r: (jnp.sum(jnp.abs(x - r)) + 32 * 32 * 3 * jnp.sum(
+      lpips.lpips_distance(lpips_params, r, x))) / x.shape[0]
+  want, l1_only = direct(ldm_nll), direct(lambda r: jnp.sum(jnp.abs(x - r)) / x.shape[0])
+  np.testing.assert_allclose(np.asarray(rec_g), want, rtol=1e-3, atol=1e-6)
+  assert np.linalg.norm(want - l1_only) > 0.05 * np.linalg.norm(l1_only)
+
+
+@pytest.mark.slow
 def test_before_disc_start_discriminator_is_untouched_and_loss_is_non_adversarial():
   config = _gan_config()
   cfg, state, batch = _setup(config, False)

@@ -2,45 +2,54 @@
 
 import json
 
-import grain
 import pytest
 
 from conftest import tiny_config
 from vae_scale import checkpointing
 from vae_scale.data import pipeline
+from vae_scale.data import sampler
 from vae_scale.errors import DataError
 
 
-# --------------------------------------------------------------------------- data iterator state
+# --------------------------------------------------------------------------- data position
 
 
-def test_iterator_checkpoint_from_another_process_count_is_a_clear_error(tmp_path):
-  it = iter(pipeline.create_train_dataset(tiny_config(), 0, 1))
-  next(it)
-  grain.checkpoint.CheckpointHandler().save(tmp_path, item=it)  # Writes process_0-of-1.json.
-  assert checkpointing.iterator_process_count(tmp_path) == 1
-  checkpointing.check_iterator_state(tmp_path, 0, 1)
-  with pytest.raises(DataError,
-                     match="written by 1 process, but this run has 2.*rerun with 1 process .*"
-                     "--config.x=True"):
-    checkpointing.check_iterator_state(tmp_path, 1, 2, reset_option="--config.x=True")
-  (tmp_path / "process_0-of-1.json").rename(tmp_path / "process_1-of-2.json")
-  with pytest.raises(DataError, match="no state for process 0 of 2"):
-    checkpointing.check_iterator_state(tmp_path, 0, 2)
-  checkpointing.check_iterator_state(tmp_path / "absent", 0, 2)  # Nothing to check.
+def test_the_data_position_record_resumes_at_its_global_example(tmp_path, caplog):
+  position = sampler.DataPosition(step=4, global_examples=32, global_batch_size=8,
+                                  source="SyntheticSource(...)", seed=0)
+  record = position.record(10)  # 6 more steps of 8 after the position was taken at step 4.
+  assert record["global_examples"] == 80 and record["format"] == "vae_scale.data_position"
+  (tmp_path / "metadata").write_text(json.dumps(record))  # Where Orbax's JsonSave writes it.
+  config = tiny_config(global_batch_size=16)  # Resumed with another global batch: same example.
+  assert checkpointing.data_start(tmp_path, 10, config, data_source="SyntheticSource(...)") == 80
+  assert not caplog.text
+  with caplog.at_level("WARNING"):
+    assert checkpointing.data_start(tmp_path, 10, config, data_source="FolderSource(...)") == 80
+  assert "the train source is now FolderSource" in caplog.text
+  (tmp_path / "metadata").write_text(json.dumps(dict(record, version=2)))
+  with pytest.raises(DataError, match="format version 2"):
+    checkpointing.data_start(tmp_path, 10, config)
+  (tmp_path / "metadata").write_text('{"format": "vae_scale.data_posi')  # Damaged: not a refusal.
+  with pytest.raises(ValueError):
+    checkpointing.data_start(tmp_path, 10, config)
 
 
-def test_iterator_checkpoint_from_another_worker_setup_is_named(tmp_path, caplog):
-  state = iter(pipeline.create_train_dataset(tiny_config(), 0, 1)).get_state()
-  (tmp_path / "process_0-of-1.json").write_text(json.dumps(state))
-  checkpointing.check_iterator_state(tmp_path, 0, 1, num_workers=0)
-  assert "num_workers" not in caplog.text
-  checkpointing.check_iterator_state(tmp_path, 0, 1, num_workers=4)
-  assert "written with data.num_workers=0 and this run has 4" in caplog.text
-  mp_state = {"iterators_in_use_states": [state, state], "exhausted": [0, 0]}
-  it = iter(pipeline.create_train_dataset(tiny_config(), 0, 1))
-  with pytest.raises(DataError, match="num_workers switched between 0 and > 0"):
-    it.set_state(mp_state)
+def test_grain_iterator_states_of_older_checkpoints_resume_on_any_process_count(tmp_path, caplog):
+  # What vae_scale wrote before elastic data: one Grain iterator state per process.
+  for name in ("process_0-of-2.json", "process_1-of-2.json"):
+    (tmp_path / name).write_text(json.dumps({"parent": {}, "tried": 0, "bad": 0}))
+  assert checkpointing.grain_state_process_count(tmp_path) == 2
+  assert checkpointing.grain_state_process_count(tmp_path / "absent") is None
+  config = tiny_config(global_batch_size=8)
+  with caplog.at_level("WARNING"):
+    # The stored config's global batch (4) counts the steps the old run took.
+    start = checkpointing.data_start(tmp_path, 6, config, {"global_batch_size": 4})
+  assert start == 24
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 1, lines
+  assert ("Grain's iterator states of 2 processes" in lines[0] and "global example 24" in lines[0]
+          and "differ from the ones the old run would have read" in lines[0])
+  assert checkpointing.data_start(tmp_path / "absent", 6, config) == 48  # No data item at all.
 
 
 # --------------------------------------------------------------------------- config changes at resume
@@ -105,7 +114,8 @@ def _restore(workdir, config):
   try:
     r = checkpointing.restore_or_init(
         manager, config=config, workdir=workdir, abstract_state=progs.abstract_state,
-        init=progs.init, make_data_iter=lambda: iter(pipeline.create_train_dataset(config, 0, 1)),
+        init=progs.init, make_data_iter=lambda start: iter(pipeline.create_train_dataset(
+            config, 0, 1, start=start)),
         replicated=progs.replicated)
   finally:
     manager.close()

@@ -42,9 +42,9 @@ def test_negative_weight():
 def test_unknown_field():
   def add(c):
     c.unlock()
-    c.loss.l2_weight = 1.0
+    c.loss.l3_weight = 1.0
   msg = _bad(add)
-  assert msg.startswith("config.loss.l2_weight:") and "unknown" in msg
+  assert msg.startswith("config.loss.l3_weight:") and "unknown" in msg
 
 
 def test_batch_not_divisible_by_devices():
@@ -58,3 +58,71 @@ def test_bad_choices_and_ranges():
   assert "ema_decay" in _bad(lambda c: setattr(c, "ema_decay", 1.0))
   assert "data.path" in _bad(lambda c: (setattr(c.data, "source", "folder"),
                                         setattr(c.data, "path", "")))
+
+
+@pytest.mark.parametrize("name", ["ldm_f8_lpips", "sd_ft_mse"])
+def test_loss_recipes_are_valid_with_their_files(name):
+  config = load_config(name)
+  config.data.path = "/data/images"
+  config.loss.lpips_weights = "lpips_vgg.safetensors"  # Placeholders: validate reads no file.
+  if name == "sd_ft_mse":
+    config.init_from = "/models/sd-vae"
+  config_lib.validate(config, num_devices=8)
+
+
+def test_ldm_f8_lpips_is_ldms_loss():
+  c = load_config("ldm_f8_lpips")
+  assert (c.loss.reduction, c.loss.l1_weight, c.loss.perceptual_weight, c.loss.kl_weight) == (
+      "ldm_sum", 1.0, 1.0, 1e-6)
+  assert c.loss.ssim_weight == 0 and c.loss.l2_weight == 0
+  assert c.disc.enabled and c.disc.loss == "hinge" and c.disc.weight == 0.5
+  assert c.disc.start_step == load_config("ldm_f8").disc.start_step
+  assert (c.optimizer.b1, c.optimizer.b2, c.disc.b1, c.disc.b2) == (0.5, 0.9, 0.5, 0.9)
+  assert c.optimizer.learning_rate == c.disc.learning_rate == 4.5e-6 * c.global_batch_size
+
+
+def test_sd_ft_mse_is_a_decoder_fine_tune_on_mse_and_lpips():
+  c = load_config("sd_ft_mse")
+  assert c.freeze_encoder and c.ema_decay > 0 and c.global_batch_size == 192
+  assert (c.loss.l2_weight, c.loss.perceptual_weight, c.loss.l1_weight, c.loss.ssim_weight) == (
+      1.0, 0.1, 0.0, 0.0)
+
+
+def _recipe_error(name, **fields) -> str:
+  config = load_config(name)
+  config.data.path = "/data/images"
+  for key, value in fields.items():
+    node, leaf = (config.loss, key[5:]) if key.startswith("loss_") else (config, key)
+    setattr(node, leaf, value)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=8)
+  assert "\n" not in str(err.value)
+  return str(err.value)
+
+
+def test_perceptual_weight_without_lpips_weights_names_the_field_and_the_command():
+  msg = _recipe_error("ldm_f8_lpips")
+  assert msg.startswith("config.loss.lpips_weights: empty")
+  assert "loss.perceptual_weight=1.0" in msg
+  assert "python -m vae_scale.convert lpips --out=" in msg
+
+
+def test_freeze_encoder_without_init_from_is_refused():
+  msg = _recipe_error("sd_ft_mse", loss_lpips_weights="lpips_vgg.safetensors")
+  assert msg.startswith("config.init_from: empty") and "freeze_encoder" in msg
+
+
+def test_evaluation_needs_neither_training_file():
+  config = load_config("sd_ft_mse")
+  config.data.path = "/data/images"
+  config_lib.validate(config, num_devices=8, training=False)
+
+
+def test_new_loss_fields_are_checked():
+  assert "loss.reduction" in _bad(lambda c: setattr(c.loss, "reduction", "sum"))
+  assert "loss.l2_weight" in _bad(lambda c: setattr(c.loss, "l2_weight", -1.0))
+  assert "loss.perceptual_weight" in _bad(lambda c: setattr(c.loss, "perceptual_weight", -1.0))
+  msg = _bad(lambda c: (setattr(c, "image_size", 8), setattr(c.model, "ch_mult", (1,)),
+                        setattr(c.loss, "perceptual_weight", 1.0),
+                        setattr(c.loss, "lpips_weights", "x.safetensors")))
+  assert msg.startswith("config.image_size:") and "16" in msg

@@ -40,3 +40,47 @@ def test_command_line_import_and_export(tmp_path):
                               f"--out={tmp_path / 'x'}"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 2 and "never unpickles" in res.stderr
+
+
+@pytest.mark.slow  # Starts four `python -m vae_scale.convert` processes.
+def test_command_line_converts_lpips_and_inception(tmp_path):
+  import feature_nets  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run([sys.executable, "-m", "vae_scale.convert", *args], cwd=REPO,
+                                     env=env, capture_output=True, text=True, timeout=300)
+  net = feature_nets.torch_lpips()
+  vgg = {"features." + k.split(".", 1)[1]: v for k, v in net.net.state_dict().items()}
+  torch.save(vgg, tmp_path / "vgg16.pth")
+  out = tmp_path / "lpips_vgg.safetensors"
+  res = run("lpips", f"--out={out}", f"--vgg={tmp_path / 'vgg16.pth'}",
+            f"--lin={torch_nets.default_lin_path()}")
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert f"--config.loss.lpips_weights={out}" in res.stdout
+  lin = torch.load(torch_nets.default_lin_path(), map_location="cpu", weights_only=True)
+  want = torch_nets.lpips_params_from_torch({k: v.numpy() for k, v in vgg.items()},
+                                            {k: v.numpy() for k, v in lin.items()})
+  got = torch_nets.load_lpips_params(str(out))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+  sd = feature_nets.inception_state_dict()
+  src = tmp_path / torch_nets.INCEPTION_FILE
+  torch.save(sd, src)
+  res = run("inception", f"--src={src}", f"--out={tmp_path / 'inception.safetensors'}")
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "--inception_weights=" in res.stdout
+  got = torch_nets.load_inception_params(str(tmp_path / "inception.safetensors"))
+  np.testing.assert_array_equal(got["Mixed_7c.branch_pool.bn.var"],
+                                sd["Mixed_7c.branch_pool.bn.running_var"].numpy())
+
+  # Mistakes: one line, exit 2.
+  res = run("inception", f"--out={tmp_path / 'x.safetensors'}")
+  assert res.returncode == 2 and "--src=pt_inception-2015-12-05-6726825d.pth" in res.stderr
+  res = run("lpips", f"--out={tmp_path / 'y.safetensors'}", f"--vgg={tmp_path / 'nope.pth'}")
+  errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+  assert res.returncode == 2 and len(errors) == 1 and "nope.pth does not exist" in errors[0]
+  assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

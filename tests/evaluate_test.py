@@ -212,3 +212,49 @@ def test_command_lines_encode_and_evaluate_imported_weights(tmp_path):
   with pytest.raises(ConversionError, match="don't match the model config"):
     evaluate.run(tiny_config(**{"model.ch": 8}), None, params_path=str(tmp_path / "vae"),
                  output_dir=str(tmp_path / "eval2"))
+
+
+# --------------------------------------------------------------------------- rFID and LPIPS
+
+
+def _evaluate_cli(tmp_path, *flags):
+  """`python -m vae_scale.evaluate --config=tests/tiny_config.py --params=...` on random weights."""
+  config = tiny_config()
+  model_cfg = AutoencoderConfig.from_config(config)
+  if not (tmp_path / "vae").exists():
+    safetensors_io.export_diffusers(_random_params(model_cfg, 5), model_cfg, str(tmp_path / "vae"))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  cmd = [sys.executable, "-m", "vae_scale.evaluate", f"--config={REPO / 'tests' / 'tiny_config.py'}",
+         f"--params={tmp_path / 'vae'}", f"--output_dir={tmp_path / 'eval'}", *flags]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_command_line_reports_rfid_and_lpips_and_refuses_a_wrong_inception_file(tmp_path):
+  import feature_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  wrong = feature_nets.tagged_file(tmp_path / "lpips_not_inception.safetensors",
+                                   torch_nets.LPIPS_NET)
+  res = _evaluate_cli(tmp_path, f"--inception_weights={wrong}")
+  assert res.returncode == 2, res.stderr[-3000:]
+  errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and wrong in errors[0], res.stderr[-3000:]
+  assert "python -m vae_scale.convert inception --src=" in errors[0]
+  assert "Traceback" not in res.stderr and not (tmp_path / "eval").exists()
+
+  inception_file, _ = feature_nets.inception_files(feature_nets.inception_state_dict(),
+                                                   str(tmp_path))
+  lpips_file, _ = feature_nets.lpips_files(feature_nets.torch_lpips(), str(tmp_path))
+  res = _evaluate_cli(tmp_path, f"--inception_weights={inception_file}",
+                      f"--lpips_weights={lpips_file}", "--log_every_batches=1")
+  assert res.returncode == 0, res.stderr[-3000:]
+  *_, table, last = res.stdout.strip().splitlines()
+  result = json.loads(last)
+  assert result["num_images"] == 8 and result["rfid"] > 0 and result["lpips"] > 0
+  assert table.startswith("step 0 (imported weights): rFID ") and " | PSNR " in table
+  assert "| SSIM " in table and "| LPIPS " in table and table.endswith("| 8 images")
+  assert "Evaluation: 1/1 batches, 8 images" in res.stderr and "ETA" in res.stderr
+  saved = json.loads((tmp_path / "eval" / "eval_00000000.json").read_text())
+  assert saved["rfid"] == pytest.approx(result["rfid"]) and "lpips_std" in saved

@@ -1,16 +1,14 @@
 """pytorch-fid's FID Inception against `pytorch_fid.inception.InceptionV3` (seeded random weights).
 """
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import pytorch_fid.inception as pfi
 import torch
 from flax import nnx
 
+import feature_nets
 from vae_scale.errors import ConversionError
 from vae_scale.interop import torch_nets
 from vae_scale.models import inception
@@ -19,66 +17,20 @@ from vae_scale.models.lpips import merge_params
 F = torch.nn.functional
 
 
-def _photos(size: int) -> np.ndarray:
-  """astronaut, chelsea, coffee: centre square crops resized, [3, size, size, 3] in [-1, 1]."""
-  from skimage import data, transform  # pylint: disable=g-import-not-at-top
-  out = []
-  for name in ("astronaut", "chelsea", "coffee"):
-    img = getattr(data, name)().astype(np.float64) / 255.0
-    h, w = img.shape[:2]
-    s = min(h, w)
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    out.append(transform.resize(img, (size, size), anti_aliasing=True))
-  return (np.stack(out) * 2 - 1).astype(np.float32)
-
-
-def _random_state_dict() -> dict:
-  """A seeded state dict shaped like pt_inception-2015-12-05 (fc has its 1008 classes), with
-  non-trivial batch norm statistics: mean N(0, 0.2), var U(0.5, 1.5), scale U(0.5, 1.5)."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    shapes = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
-  g = torch.Generator().manual_seed(0)
-  sd = {}
-  for k, v in shapes.items():
-    if k.endswith("num_batches_tracked"):
-      sd[k] = v
-    elif k.endswith(("running_var", "bn.weight")):
-      sd[k] = torch.rand(v.shape, generator=g) + 0.5
-    elif k.endswith(("running_mean", "bn.bias")):
-      sd[k] = 0.2 * torch.randn(v.shape, generator=g)
-    elif v.ndim == 4:  # He-normal keeps activations O(1) through the 94 convs.
-      sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
-    else:
-      sd[k] = 0.01 * torch.randn(v.shape, generator=g)
-  return sd
-
-
 @pytest.fixture(scope="module")
 def state_dict():
-  return _random_state_dict()
+  return feature_nets.inception_state_dict()
 
 
 @pytest.fixture(scope="module")
 def torch_net(state_dict):
-  # pytorch-fid downloads its weights through this name (torch.utils.model_zoo.load_url here).
-  assert hasattr(pfi, "load_state_dict_from_url")
-  with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    mp.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state_dict)
-    net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-  return net.eval()
+  return feature_nets.torch_inception(state_dict)
 
 
 @pytest.fixture(scope="module")
 def files(state_dict, tmp_path_factory):
   """(converted .safetensors, the .pth it came from)."""
-  tmp = tmp_path_factory.mktemp("inception")
-  src = tmp / torch_nets.INCEPTION_FILE
-  torch.save(state_dict, src)
-  out = tmp / "inception.safetensors"
-  torch_nets.convert_inception(str(src), str(out))
-  return str(out), str(src)
+  return feature_nets.inception_files(state_dict, str(tmp_path_factory.mktemp("inception")))
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +38,10 @@ def params(files):
   return torch_nets.load_inception_params(files[0])
 
 
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
 @pytest.mark.parametrize("size", [(256, 256), (512, 512), (64, 64), (200, 300), (299, 299)])
 def test_resize_matches_torch_interpolate(size):
   x = np.random.default_rng(0).uniform(0, 1, (2, *size, 3)).astype(np.float32)
-  ref = F.interpolate(_nchw(x), size=(299, 299), mode="bilinear", align_corners=False)
+  ref = F.interpolate(feature_nets.nchw(x), size=(299, 299), mode="bilinear", align_corners=False)
   out = np.asarray(jax.jit(inception.resize_bilinear)(x))
   assert out.shape == (2, 299, 299, 3)
   np.testing.assert_allclose(out, ref.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
@@ -118,7 +66,7 @@ def test_block_matches_torch(torch_net, params, name, block, index, make, cin):
   x = np.random.default_rng(1).normal(0, 1, (2, 7, 7, cin)).astype(np.float32)
   x[:, :, 0] = 5.0  # A bright edge column makes padded-vs-unpadded pool averages differ.
   with torch.no_grad():
-    ref = torch_net.blocks[block][index](_nchw(x)).numpy().transpose(0, 2, 3, 1)
+    ref = torch_net.blocks[block][index](feature_nets.nchw(x)).numpy().transpose(0, 2, 3, 1)
   out = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
   assert out.shape == ref.shape
   # Float32 accumulation over up to 2048 channels (the bright column sums large terms): measured
@@ -128,10 +76,10 @@ def test_block_matches_torch(torch_net, params, name, block, index, make, cin):
 
 @pytest.mark.slow
 def test_pool3_features_match_pytorch_fid(torch_net, params):
-  images = _photos(256)  # Not 299: the resize is part of what is compared.
+  images = feature_nets.photos(256)  # Not 299: the resize is part of what is compared.
   with torch.no_grad():
     # pytorch-fid takes images in [0, 1].
-    ref = torch_net(_nchw((images + 1) / 2))[0].numpy().reshape(3, 2048)
+    ref = torch_net(feature_nets.nchw((images + 1) / 2))[0].numpy().reshape(3, 2048)
   out = np.asarray(jax.jit(inception.inception_features)(params, images))
   assert out.shape == (3, 2048) and out.dtype == np.float32
   assert ref.std() > 0.1  # The random weights give non-degenerate features.

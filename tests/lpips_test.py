@@ -1,16 +1,15 @@
 """LPIPS-VGG v0.1 against the `lpips` package (random VGG, the package's own lin weights)."""
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
-import lpips as lpips_pkg
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
+import feature_nets
 from vae_scale.errors import ConversionError
 from vae_scale.interop import safetensors_io
 from vae_scale.interop import torch_nets
@@ -21,24 +20,11 @@ SIZE = 64
 RTOL = 1e-5
 
 
-def _photos(size: int) -> np.ndarray:
-  """astronaut, chelsea, coffee: centre square crops resized, [3, size, size, 3] in [-1, 1]."""
-  from skimage import data, transform  # pylint: disable=g-import-not-at-top
-  out = []
-  for name in ("astronaut", "chelsea", "coffee"):
-    img = getattr(data, name)().astype(np.float64) / 255.0
-    h, w = img.shape[:2]
-    s = min(h, w)
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    out.append(transform.resize(img, (size, size), anti_aliasing=True))
-  return (np.stack(out) * 2 - 1).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def pairs():
   """9 pairs (x, y): each photo vs its noisy copy, its blurred copy, and the next photo."""
   from skimage import filters  # pylint: disable=g-import-not-at-top
-  photos = _photos(SIZE)
+  photos = feature_nets.photos(SIZE)
   rng = np.random.default_rng(0)
   noisy = np.clip(photos + rng.normal(0, 0.1, photos.shape), -1, 1)
   blurred = np.stack([filters.gaussian(p, sigma=1.5, channel_axis=-1) for p in photos])
@@ -49,28 +35,13 @@ def pairs():
 
 @pytest.fixture(scope="module")
 def torch_lpips():
-  torch.manual_seed(0)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation inside lpips.
-    net = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-  with torch.no_grad():  # torchvision's VGG biases start at 0; make them exercise the conversion.
-    for name, p in net.net.named_parameters():
-      if name.endswith("bias"):
-        p.normal_(0.0, 0.05)
-  return net.eval()
+  return feature_nets.torch_lpips()
 
 
 @pytest.fixture(scope="module")
 def files(torch_lpips, tmp_path_factory):
   """(converted .safetensors, torchvision-named VGG .pth)."""
-  tmp = tmp_path_factory.mktemp("lpips")
-  vgg = {"features." + k.split(".", 1)[1]: v for k, v in torch_lpips.net.state_dict().items()}
-  assert len(vgg) == 26
-  torch.save(vgg, tmp / "vgg16.pth")
-  out = tmp / "lpips_vgg.safetensors"
-  torch_nets.convert_lpips(str(out), vgg_path=str(tmp / "vgg16.pth"),
-                           lin_path=torch_nets.default_lin_path())
-  return str(out), str(tmp / "vgg16.pth")
+  return feature_nets.lpips_files(torch_lpips, str(tmp_path_factory.mktemp("lpips")))
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +59,10 @@ def _grad(params, x, y, dtype=jnp.float32):
   return jax.grad(lambda x: jnp.sum(lpips.lpips_distance(params, x, y, dtype=dtype)))(x)
 
 
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
 def test_matches_lpips_package(params, torch_lpips, pairs):
   x, y = pairs
   with torch.no_grad():
-    ref = torch_lpips(_nchw(x), _nchw(y)).numpy().reshape(-1)
+    ref = torch_lpips(feature_nets.nchw(x), feature_nets.nchw(y)).numpy().reshape(-1)
   out = np.asarray(_distance(params, x, y))
   assert out.shape == (9,) and out.dtype == np.float32
   assert np.all(ref > 0)
@@ -108,8 +75,8 @@ def test_gradient_matches_lpips_package(params, torch_lpips, pairs):
   # elements (~1% apart there).
   keep = [1, 2, 4, 5, 7, 8]
   x, y = pairs[0][keep], pairs[1][keep]
-  xt = _nchw(x).requires_grad_(True)
-  torch_lpips(xt, _nchw(y)).sum().backward()
+  xt = feature_nets.nchw(x).requires_grad_(True)
+  torch_lpips(xt, feature_nets.nchw(y)).sum().backward()
   ref = xt.grad.numpy().transpose(0, 2, 3, 1)
   out = np.asarray(_grad(params, x, y))
   assert np.isfinite(out).all()

@@ -200,11 +200,11 @@ def test_data_fields_depend_on_the_source():
   assert _resume(_stored("demo"), _config("demo", data__source="synthetic")).reset_data
 
 
-def test_num_workers():
-  plan = _resume(_stored(), _config(data__num_workers=0))
-  assert plan.reset_data
-  plan = _resume(_stored(), _config(data__num_workers=4))
-  assert not plan.reset_data and plan.warnings
+def test_num_workers_only_changes_decoding():
+  for workers in (0, 4):
+    plan = _resume(_stored(), _config(data__num_workers=workers))
+    assert not plan.reset_data and not plan.warnings
+    assert "data position and order are kept" in plan.lines[0]
 
 
 def test_seed_restarts_the_data_with_a_warning():

@@ -1,5 +1,6 @@
 """The real training loop on a tiny config: one step learns, end to end, exact resume, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,14 +11,13 @@ import pytest
 
 from conftest import REPO
 from conftest import tiny_config
-import grain
-import orbax.checkpoint as ocp
-
+import feature_nets
 from vae_scale import checkpointing
 from vae_scale import programs
 from vae_scale import sharding
 from vae_scale import train
 from vae_scale.data import pipeline
+from vae_scale.interop import torch_nets
 
 
 @pytest.mark.slow
@@ -63,15 +63,14 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
   assert (run / "images" / "reconstructions_00000000.png").exists()
   assert (run / "images" / "reconstructions_00000004.png").exists()
 
-  # The iterator saved at step 2 continues with exactly the batch an uninterrupted stream
-  # yields third.
+  # The data position saved at step 2 (global examples consumed) continues with exactly the batch
+  # an uninterrupted stream yields third.
   fresh = iter(pipeline.create_train_dataset(config, 0, 1))
   third = [next(fresh) for _ in range(3)][-1]
-  restored = iter(pipeline.create_train_dataset(config, 0, 1))
-  manager = checkpointing.create_manager(str(run), config)
-  manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  record = json.loads((run / "checkpoints" / "2" / "data" / "metadata").read_text())
+  assert record["global_examples"] == 2 * config.global_batch_size
+  restored = iter(pipeline.create_train_dataset(config, 0, 1, start=record["global_examples"]))
   np.testing.assert_array_equal(next(restored)["image"], third["image"])
-  manager.close()
   # The run's config is stored with every checkpoint, in the same commit.
   assert checkpointing.stored_config(run / "checkpoints", 4)["num_train_steps"] == 4
 
@@ -90,7 +89,7 @@ def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
   assert res.returncode == 2
   errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
   assert errors == ["error: config.global_batch_size: 12 is not divisible by the 8 devices; "
-                    "use a multiple of 8"], res.stderr[-2000:]
+                    "use a multiple of 8 (the nearest: 8 or 16)"], res.stderr[-2000:]
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -121,6 +120,7 @@ def test_init_from_another_run_and_freeze_encoder_trains_the_decoder_only(tmp_pa
   assert all(moved)
 
 
+@pytest.mark.slow
 def test_init_from_a_wrong_path_is_one_clear_line(tmp_path):
   res = _main(tmp_path, f"--config.init_from={tmp_path}/nothing_here")
   assert res.returncode == 2
@@ -128,9 +128,81 @@ def test_init_from_a_wrong_path_is_one_clear_line(tmp_path):
   assert len(errors) == 1 and "nothing_here" in errors[0], res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_misspelt_config_override_is_one_clear_line(tmp_path):
   res = _main(tmp_path, "--config.model.chh=3")
   assert res.returncode == 2
   errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "chh" in errors[0] and 'did you mean "ch"' in errors[0], res.stderr
   assert "Traceback" not in res.stderr
+
+
+# --------------------------------------------------------------------------- LPIPS in the loss
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory):
+  """LPIPS-VGG weights converted from a seeded random VGG (tests/feature_nets.py)."""
+  return feature_nets.lpips_files(feature_nets.torch_lpips(),
+                                  str(tmp_path_factory.mktemp("lpips")))[0]
+
+
+@pytest.mark.slow
+def test_train_step_with_lpips_in_ldm_units_is_finite_and_lpips_is_not_state(lpips_file):
+  config = tiny_config(**{"loss.perceptual_weight": 1.0, "loss.lpips_weights": lpips_file,
+                          "loss.reduction": "ldm_sum", "loss.l2_weight": 0.5,
+                          "loss.ssim_weight": 0.0, "loss.kl_weight": 1e-6})
+  mesh = sharding.create_mesh()
+  progs = programs.build(config, mesh)
+  # The LPIPS params ride along as a jit argument: the TrainState (and so every checkpoint) is the
+  # one a run without LPIPS has.
+  plain = programs.build(tiny_config(), mesh)
+  assert jax.tree.structure(progs.abstract_state) == jax.tree.structure(plain.abstract_state)
+  assert progs.ae_step.lpips_params is not None and plain.ae_step.lpips_params is None
+  state = progs.init()
+  local = next(iter(pipeline.create_train_dataset(config, 0, 1)))
+  batch = sharding.global_batch({"image": local["image"]}, mesh)
+  for _ in range(2):
+    state, m = progs.ae_step(state, batch)
+    v = {k: float(x) for k, x in m.compute().items()}
+    assert all(np.isfinite(x) for x in v.values()), v
+    assert v["lpips"] > 0
+    # LDM's units: the reconstruction summed over the 16x16x3 elements of an image.
+    np.testing.assert_allclose(v["rec_loss"], 768 * (v["l1"] + 0.5 * v["l2"] + v["lpips"]),
+                               rtol=1e-5)
+  assert int(state.step) == 2
+
+
+def _main_tiny(tmp_path, *overrides):
+  """`python -m vae_scale.main --config=tests/tiny_config.py`, as a user would run it."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'tests' / 'tiny_config.py'}",
+         f"--workdir={tmp_path / 'run'}", *overrides]
+  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+
+
+def _one_error_line(res) -> str:
+  assert res.returncode == 2, res.stderr[-3000:]
+  errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr
+  return errors[0]
+
+
+@pytest.mark.slow
+def test_perceptual_weight_without_lpips_weights_is_one_line(tmp_path):
+  line = _one_error_line(_main_tiny(tmp_path, "--config.loss.perceptual_weight=1.0"))
+  assert line.startswith("error: config.loss.lpips_weights: empty"), line
+  assert "python -m vae_scale.convert lpips --out=" in line
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_lpips_weights_of_another_network_fail_before_compiling(tmp_path):
+  wrong = feature_nets.tagged_file(tmp_path / "inception.safetensors", torch_nets.INCEPTION_NET)
+  line = _one_error_line(_main_tiny(tmp_path, "--config.loss.perceptual_weight=1.0",
+                                    f"--config.loss.lpips_weights={wrong}"))
+  assert wrong in line and torch_nets.INCEPTION_NET in line, line
+  assert f"python -m vae_scale.convert lpips --out={wrong}" in line
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,8 +1,16 @@
 """Checkpoints own resume: one Orbax CheckpointManager per run, restore-or-init, save-or-stop.
 
 Each checkpoint `WORKDIR/checkpoints/<step>/` holds three items committed together: `state` (the
-TrainState), `data` (the Grain iterator position) and `config` (the run's config as JSON). The loop
-calls `restore_or_init` once and `save_or_stop` after every step.
+TrainState), `data` (the train stream's position: global examples consumed, a small JSON record,
+see `data.sampler`) and `config` (the run's config as JSON). The loop calls `restore_or_init` once
+and `save_or_stop` after every step.
+
+Elastic resume: arrays are restored with shardings of the current mesh and the data position is one
+global number, so a checkpoint written by any number of processes and devices resumes on any other
+whose share divides the global batch, reading the examples an uninterrupted run would have read.
+Checkpoints of vae_scale before that (Grain's per-process iterator states in `data/`) resume too:
+the model exactly, the data at global example step * global batch of the new order, with one
+warning that the examples from there on differ from the ones the old run would have read.
 
 Reliability rules:
 - A checkpoint exists only once Orbax has committed it (written to a temporary directory, then
@@ -24,7 +32,6 @@ import re
 import time
 from typing import Any, Callable
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -35,6 +42,7 @@ from jax.experimental import multihost_utils
 
 from vae_scale import reconcile
 from vae_scale import state_tree
+from vae_scale.data import sampler
 from vae_scale.errors import ConversionError
 from vae_scale.errors import DataError
 from vae_scale.errors import Preempted
@@ -51,13 +59,13 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
                                options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
-         config: ml_collections.ConfigDict) -> None:
-  """Starts saving `state` (after `step` steps), the iterator position and the config; returns
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_position: sampler.DataPosition, config: ml_collections.ConfigDict) -> None:
+  """Starts saving `state` (after `step` steps), the data position and the config; returns
   once the arrays are copied off the devices, so the state may be donated right after."""
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter),
+      data=ocp.args.JsonSave(data_position.record(step)),
       config=ocp.args.JsonSave(json.loads(reconcile.config_to_json(config)))), force=True)
 
 
@@ -105,27 +113,26 @@ class Resumed:
   """What `restore_or_init` hands the loop."""
 
   state: Any
-  data_iter: Any
+  data_iter: Any  # The train stream from the restored position.
   step: int  # Steps already trained (0 for a fresh run).
+  data_position: sampler.DataPosition  # What `save` records at later steps.
 
 
 def _restore_stored(manager: ocp.CheckpointManager, step: int, stored_tree: Any,
-                    sharding: Any, data_iter: Any | None) -> tuple[Any, Any]:
+                    sharding: Any) -> Any:
   """The state as stored (dicts and lists, whatever its structure), each array placed with
-  `sharding` on the current mesh (never gathered on one device), and the iterator position."""
+  `sharding` on the current mesh (never gathered on one device): any device and process count."""
   restore_args = jax.tree.map(
       lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype),
       stored_tree)
   items = {"state": ocp.args.PyTreeRestore(restore_args=restore_args)}
-  if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  return manager.restore(step, args=ocp.args.Composite(**items))["state"], data_iter
+  return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
 def restore_or_init(manager: ocp.CheckpointManager, *, config: ml_collections.ConfigDict,
                     workdir: str, abstract_state: Any, init: Callable[[], Any],
-                    make_data_iter: Callable[[], Any], replicated: Any,
-                    init_params: Any = None) -> Resumed:
+                    make_data_iter: Callable[[int], Any], replicated: Any,
+                    init_params: Any = None, data_source: str = "") -> Resumed:
   """Restores the newest usable checkpoint, reconciled with `config`, or initialises a fresh run.
 
   Args:
@@ -135,18 +142,20 @@ def restore_or_init(manager: ocp.CheckpointManager, *, config: ml_collections.Co
     abstract_state: ShapeDtypeStructs (with shardings) of the state `config` builds.
     init: builds a fresh, sharded state (jitted); used for a fresh run and for the parts a
       checkpoint lacks (the discriminator switched on, say).
-    make_data_iter: a fresh data iterator at the start of the stream.
+    make_data_iter: the train stream from a global example index (0: the beginning).
     replicated: the sharding of every restored array.
     init_params: autoencoder params to start a fresh run from (config.init_from), or None.
+    data_source: repr() of the train source, recorded with the data position.
   Returns:
-    The state, the data iterator at its saved position and the step.
+    The state, the data iterator at the saved position (example-exact for any process count),
+    the step and the data position.
   Raises:
     ConfigError: the checkpoint holds another architecture (nothing on disk is touched).
-    DataError: the data iterator state cannot be restored by this process layout.
+    DataError: the data position was written by a newer vae_scale.
   """
   directory = epath.Path(manager.directory)
   wanted = state_tree.leaf_shapes(abstract_state)
-  pi, pc = jax.process_index(), jax.process_count()
+  pi = jax.process_index()
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       stored_tree, old_config, error = _stored_tree(directory, step), stored_config(directory,
@@ -168,21 +177,23 @@ def restore_or_init(manager: ocp.CheckpointManager, *, config: ml_collections.Co
       raise state_tree.architecture_refusal(workdir, step, stored, wanted)
     plan.log()
     reconcile.append_resume_log(workdir, step, plan, enabled=pi == 0)
-    data_iter = None if plan.reset_data else make_data_iter()
-    if data_iter is not None:
-      check_iterator_state(directory / str(step) / "data", pi, pc,
-                           num_workers=config.data.num_workers)
     try:
-      raw, data_iter = _restore_stored(manager, step, stored_tree, replicated, data_iter)
+      raw = _restore_stored(manager, step, stored_tree, replicated)
       state = state_tree.reset_moments(state_tree.graft(abstract_state, raw, init), plan)
+      # A changed data source or seed restarts the stream at the beginning of the new order.
+      start = 0 if plan.reset_data else data_start(directory / str(step) / "data", step, config,
+                                                   old_config, data_source)
       error = None
     except DataError:
-      raise  # A data-layout mismatch is the user's to resolve, not a damaged checkpoint.
+      raise  # A newer format is the user's to resolve, not a damaged checkpoint.
     except Exception as e:  # pylint: disable=broad-except
       state, error = None, e
     if _all_ok(error is None):
-      logging.info("Restored checkpoint %d from %s", step, directory)
-      return Resumed(state, data_iter if data_iter is not None else make_data_iter(), step)
+      logging.info("Restored checkpoint %d from %s; the data continues at global example %d",
+                   step, directory, start)
+      position = sampler.DataPosition(step, start, config.global_batch_size, data_source,
+                                      config.seed)
+      return Resumed(state, make_data_iter(start), step, position)
     _quarantine(manager, step, f"{type(error).__name__}: {str(error).splitlines()[0]}" if error
                 else "another process failed to restore it")
   state = init()
@@ -191,93 +202,75 @@ def restore_or_init(manager: ocp.CheckpointManager, *, config: ml_collections.Co
     state = state.replace(params=params, ema_params=(
         jax.tree.map(jax.numpy.copy, params) if state.ema_params is not None else None))
     logging.info("Initialized the autoencoder from %s", config.init_from)
-  return Resumed(state, make_data_iter(), 0)
+  position = sampler.DataPosition(0, 0, config.global_batch_size, data_source, config.seed)
+  return Resumed(state, make_data_iter(0), 0, position)
 
 
-# --------------------------------------------------------------------------- data iterator
+# --------------------------------------------------------------------------- data position
 
 
-_PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+_GRAIN_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 
 
-def iterator_process_count(data_dir: str | os.PathLike) -> int | None:
-  """How many processes wrote the Grain iterator state in `data_dir` (None: no state there)."""
+def grain_state_process_count(data_dir: str | os.PathLike) -> int | None:
+  """How many processes wrote Grain iterator states in `data_dir` (the `data` item of checkpoints
+  from vae_scale before elastic data); None: no such state there."""
   d = epath.Path(data_dir)
   if not d.is_dir():
     return None
-  counts = {int(m.group(2)) for p in d.iterdir() if (m := _PROCESS_FILE.search(p.name))}
+  counts = {int(m.group(2)) for p in d.iterdir() if (m := _GRAIN_STATE_FILE.search(p.name))}
   return max(counts) if counts else None
 
 
-def _processes(n: int) -> str:
-  return f"{n} process" if n == 1 else f"{n} processes"
-
-
-def _workers_in_state(state: dict[str, Any]) -> int | None:
-  """Grain worker processes that wrote an iterator state (best effort; None: unknown format)."""
-  if "iterators_in_use_states" in state:  # mp_prefetch: one interleaved iterator per worker.
-    return len(state["iterators_in_use_states"])
-  return 0 if "parent" in state else None
-
-
-def check_iterator_state(data_dir: str | os.PathLike, process_index: int,
-                              process_count: int, reset_option: str | None = None,
-                              num_workers: int | None = None) -> None:
-  """Raises a DataError if the iterator state in `data_dir` can't be restored by this process.
-
-  Grain writes one `process_{i}-of-{n}.json` per process (checkpoint `<step>/data/`); a run with a
-  different process count would otherwise fail with a bare "File ... does not exist".
+def data_start(data_dir: str | os.PathLike, step: int, config: ml_collections.ConfigDict,
+               old_config: dict[str, Any] | None = None, data_source: str = "") -> int:
+  """The global example index at which the train stream of a resume from checkpoint `step` starts.
 
   Args:
-    data_dir: the checkpoint's Grain item directory, e.g. WORKDIR/checkpoints/1000/data.
-    process_index, process_count: this process (jax.process_index(), jax.process_count()).
-    reset_option: the setting that makes the trainer restore the model without the iterator, to
-      name in the message (e.g. '--config.data.reset_iterator_on_mismatch=True').
-    num_workers: config.data.num_workers of this run: a different count of the run that wrote the
-      state resumes, but not exactly (Grain's workers split the stream differently), so it is
-      logged as a warning.
+    data_dir: the checkpoint's data item, e.g. WORKDIR/checkpoints/1000/data.
+    step: the checkpoint's step.
+    config: the current config.
+    old_config: the config stored with the checkpoint (None: not stored).
+    data_source: repr() of the current train source (a different recorded one is warned about).
+  Returns:
+    The position recorded in the checkpoint. A checkpoint without one (Grain's per-process
+    iterator states of an older vae_scale, or no data item) continues at step * its global batch
+    with one warning: the model resumes exactly, the examples from there on differ from the ones
+    the old run would have read.
   Raises:
-    DataError: the state was written by a different process count, or this process's is missing.
+    ValueError / OSError: an unreadable record (the checkpoint is damaged).
+    DataError: a record of a newer format version.
   """
   d = epath.Path(data_dir)
-  mine = d / f"process_{process_index}-of-{process_count}.json"
-  if mine.exists():
-    if num_workers is not None:
-      try:
-        written = _workers_in_state(json.loads(mine.read_text()))
-      except (OSError, ValueError):
-        written = None  # The restore itself reports an unreadable state.
-      if written is not None and written != num_workers:
-        logging.warning(
-            "The data iterator checkpoint in %s was written with data.num_workers=%d and this run "
-            "has %d: it resumes, but the order of the examples differs from an uninterrupted run. "
-            "Set --config.data.num_workers=%d for an exact resume.", d, written, num_workers,
-            written)
-    return
-  written = iterator_process_count(d)
-  if written is None:
-    return  # No iterator state at all: nothing to mismatch (the restore reports what is missing).
-  reset = (f"pass {reset_option}" if reset_option else
-           "restore the model state without the data iterator")
-  if written != process_count:
-    raise DataError(
-        f"The data iterator checkpoint in {d} was written by {_processes(written)}, but this run "
-        f"has {process_count}. Each process saved its own position in its own share of the data, "
-        f"and those positions do not carry over to a different process count. Either rerun with "
-        f"{_processes(written)} (hosts), or {reset} to keep the trained model and restart the data "
-        "stream from its beginning (epoch 0 of the seeded shuffle, split over the new process "
-        "count).")
-  raise DataError(f"The data iterator checkpoint in {d} has no state for process "
-                  f"{process_index} of {process_count} (process_{process_index}-of-"
-                  f"{process_count}.json is missing; the checkpoint is incomplete). Restore an "
-                  f"earlier step, or {reset}.")
+  record_file = d / "metadata"  # Where Orbax's JsonSave puts the record.
+  if record_file.exists():
+    record = json.loads(record_file.read_text())
+    start = sampler.examples_from_record(record, str(record_file))
+    if data_source and record.get("source") and record["source"] != data_source:
+      logging.warning(
+          "resume at step %d: the train source is now %s, the checkpoint's was %s: the stream "
+          "continues at global example %d, but of another order than the old run's", step,
+          data_source, record["source"], start)
+    return start
+  batch = int((old_config or {}).get("global_batch_size", config.global_batch_size))
+  start = step * batch
+  writers = grain_state_process_count(d)
+  what = (f"Grain's iterator states of {writers} process{'es' if writers != 1 else ''} (an older "
+          "vae_scale's format)" if writers else "no data position")
+  logging.warning(
+      "resume at step %d: the checkpoint holds %s; the model resumes exactly and the data "
+      "continues at global example %d (step %d x global batch %d) of the global order, so the "
+      "examples after this resume differ from the ones the old run would have read next.",
+      step, what, start, step, batch)
+  return start
 
 
 # --------------------------------------------------------------------------- save or stop
 
 
-def save_or_stop(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
-                 config: ml_collections.ConfigDict, *, last: bool, preempted: bool,
+def save_or_stop(manager: ocp.CheckpointManager, step: int, state: Any,
+                 data_position: sampler.DataPosition, config: ml_collections.ConfigDict, *,
+                 last: bool, preempted: bool,
                  before_save: Callable[[int], None] | None = None) -> None:
   """Saves on the checkpoint interval, at the last step, and when preempted; then, if preempted,
   waits for the save to commit and raises `Preempted(step)` (exit 42: rerun to resume).
@@ -289,7 +282,7 @@ def save_or_stop(manager: ocp.CheckpointManager, step: int, state: Any, data_ite
       manager.latest_step() != step):
     if before_save is not None:
       before_save(step)
-    save(manager, step, state, data_iter, config)
+    save(manager, step, state, data_position, config)
   if preempted:
     manager.wait_until_finished()
     logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.", step,

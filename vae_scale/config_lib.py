@@ -43,6 +43,10 @@ SCHEMA: dict[str, Any] = {
     "loss.ssim_weight": _FLOAT,
     "loss.kl_weight": _FLOAT,
     "loss.kl_warmup_steps": _INT,
+    "loss.l2_weight": _FLOAT,
+    "loss.perceptual_weight": _FLOAT,
+    "loss.lpips_weights": _STR,
+    "loss.reduction": _STR,
     "optimizer.name": _STR,
     "optimizer.learning_rate": _FLOAT,
     "optimizer.b1": _FLOAT,
@@ -74,6 +78,7 @@ SCHEMA: dict[str, Any] = {
     "log_every_steps": _INT,
     "eval_every_steps": _INT,
     "num_eval_images": _INT,
+    "inception_weights": _STR,
     "image_every_steps": _INT,
     "checkpoint_every_steps": _INT,
     "max_checkpoints_to_keep": _INT,
@@ -88,9 +93,11 @@ _CHOICES = {
     "optimizer.name": ("adam", "adamw"),
     "optimizer.schedule": ("constant", "cosine"),
     "data.source": ("folder", "tfds", "synthetic", "samples"),
+    "loss.reduction": ("mean", "ldm_sum"),
 }
 _NON_NEGATIVE = (
     "loss.l1_weight", "loss.ssim_weight", "loss.kl_weight", "loss.kl_warmup_steps",
+    "loss.l2_weight", "loss.perceptual_weight",
     "disc.weight", "disc.factor", "disc.start_step", "optimizer.weight_decay",
     "optimizer.warmup_steps", "optimizer.grad_clip_norm", "model.dropout", "profile_steps",
     "data.num_workers", "data.prefetch_batches", "optimizer.max_consecutive_nonfinite",
@@ -120,22 +127,44 @@ def _fail(field: str, rule: str) -> None:
 
 
 def check_batch(global_batch_size: int, num_devices: int | None = None,
-                num_processes: int | None = None) -> None:
-  """The one check that a global batch splits evenly over the devices and the processes."""
+                num_processes: int | None = None, grad_accum_steps: int = 1) -> None:
+  """The one check that a global batch splits evenly over the devices and the processes.
+
+  A run resumes on any slice whose shares divide its global batch (the data position is global):
+  on one that doesn't, this is the one line naming the nearest global batches that do.
+
+  Args:
+    global_batch_size: images per optimizer step.
+    num_devices, num_processes: the counts it must split over (None: not checked).
+    grad_accum_steps: micro-batches per step (optimizer.grad_accum_steps); each one must split
+      over the devices too.
+  Raises:
+    ConfigError: one line, e.g. "config.global_batch_size: 12 is not divisible by the 8 devices;
+      use a multiple of 8 (the nearest: 8 or 16)".
+  """
+  accum = max(int(grad_accum_steps), 1)
   for count, what in ((num_devices, "devices"), (num_processes, "processes")):
-    if count is not None and global_batch_size % count:
-      _fail("global_batch_size", f"{global_batch_size} is not divisible by the {count} {what}; "
-            f"use a multiple of {count}")
+    if count is None:
+      continue
+    unit = count * accum
+    if global_batch_size % unit:
+      below = global_batch_size // unit * unit
+      nearest = f"{below} or {below + unit}" if below else f"{unit}"
+      times = (f" x {accum} micro-batches (optimizer.grad_accum_steps)" if accum > 1 else "")
+      _fail("global_batch_size", f"{global_batch_size} is not divisible by the {count} "
+            f"{what}{times}; use a multiple of {unit} (the nearest: {nearest})")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             num_processes: int | None = None) -> None:
+             num_processes: int | None = None, *, training: bool = True) -> None:
   """Checks every field of a training config against its rule.
 
   Args:
     config: the run's config (see configs/ldm_f8.py for every field).
     num_devices: the global device count; when given, the global batch must split evenly.
     num_processes: the process count; likewise.
+    training: also check what only training needs (LPIPS weights for loss.perceptual_weight > 0,
+      init_from for freeze_encoder); evaluate and encode pass False.
 
   Raises:
     ConfigError: on the first broken rule, naming the field and the rule.
@@ -199,4 +228,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     _fail("data.path", "empty; data.source=folder needs a directory, glob or manifest file")
   if src == "tfds" and not config.data.tfds_name:
     _fail("data.tfds_name", "empty; data.source=tfds needs a dataset name")
+  if config.loss.perceptual_weight > 0 and config.image_size < 16:
+    _fail("image_size", f"{config.image_size} is below 16, the smallest input LPIPS-VGG's four "
+          "2x2 max pools leave a pixel of (loss.perceptual_weight > 0)")
+  if training:
+    _check_training(config)
   check_batch(config.global_batch_size, num_devices, num_processes)
+
+
+def _check_training(config: ml_collections.ConfigDict) -> None:
+  """The rules only a training run needs: the files its loss and its start read."""
+  if config.loss.perceptual_weight > 0 and not config.loss.lpips_weights:
+    _fail("loss.lpips_weights", f"empty, but loss.perceptual_weight="
+          f"{config.loss.perceptual_weight} needs LPIPS-VGG weights: make them once with `python "
+          "-m vae_scale.convert lpips --out=lpips_vgg.safetensors`, then pass "
+          "--config.loss.lpips_weights=lpips_vgg.safetensors")
+  if config.freeze_encoder and not config.init_from:
+    _fail("init_from", "empty, but freeze_encoder=True trains the decoder against a frozen "
+          "encoder, which would stay at its random init: point init_from at the weights to "
+          "fine-tune (a diffusers folder, an SD VAE .safetensors, a `vae_scale.convert import` "
+          "dir, or a run's workdir; resuming a run, its own workdir)")

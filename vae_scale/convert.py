@@ -1,4 +1,5 @@
-r"""Weights in and out: diffusers `AutoencoderKL` folders, original LDM / SD VAE state dicts.
+r"""Weights in and out: diffusers `AutoencoderKL` folders, original LDM / SD VAE state dicts, and the
+frozen feature networks (LPIPS-VGG for the loss and evaluation, pytorch-fid's Inception for rFID).
 
   # A diffusers folder (config.json + diffusion_pytorch_model.safetensors) or an LDM/SD .safetensors
   # file -> a params directory that a run can start from (config.init_from=PARAMS_DIR).
@@ -8,9 +9,19 @@ r"""Weights in and out: diffusers `AutoencoderKL` folders, original LDM / SD VAE
   python -m vae_scale.convert export --config=configs/ldm_f8.py --workdir=RUN --out=DIR \
       [--step=N] [--latents=LATENTS_DIR] [--format=diffusers|ldm]
 
-Only safetensors are read: a pickle-based `.ckpt`/`.bin`/`.pt` is refused (unpickling runs code).
+  # LPIPS-VGG v0.1 -> one safetensors file for config.loss.lpips_weights / evaluate --lpips_weights.
+  # Defaults: torchvision's cached vgg16-397923af.pth and the lpips package's v0.1/vgg.pth.
+  python -m vae_scale.convert lpips --out=lpips_vgg.safetensors [--vgg=PATH] [--lin=PATH]
+
+  # pytorch-fid's FID Inception -> one safetensors file for evaluate --inception_weights (rFID).
+  python -m vae_scale.convert inception --src=pt_inception-2015-12-05-6726825d.pth \
+      --out=inception.safetensors
+
+Autoencoder weights are only read from safetensors: a pickle-based `.ckpt`/`.bin`/`.pt` is refused
+(unpickling runs code). The feature networks' PyTorch files are read once here with
+`torch.load(weights_only=True)` (tensors only), and only their safetensors are read afterwards.
 The conversions themselves live in `vae_scale.interop` (names, diffusers configs, safetensors,
-weights); this module is their command line.
+weights, torch_nets); this module is their command line.
 """
 
 from __future__ import annotations
@@ -26,10 +37,13 @@ from vae_scale import cli
 from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config
 from vae_scale.interop import safetensors_io
+from vae_scale.interop import torch_nets
 from vae_scale.interop import weights
 from vae_scale.models import AutoencoderConfig
 
-USAGE = "usage: python -m vae_scale.convert {import|export} --src=... --out=... (see --help)"
+COMMANDS = ("import", "export", "lpips", "inception")
+USAGE = ("usage: python -m vae_scale.convert {import|export|lpips|inception} --out=... "
+         "[--src=...] (see --help)")
 
 
 def define_flags() -> dict[str, Any]:
@@ -44,9 +58,15 @@ def define_flags() -> dict[str, Any]:
   return {
       "config": config,
       "src": f.DEFINE_string("src", None, "import: diffusers folder, LDM/SD .safetensors, or "
-                             "params dir. export: a params dir or any of those (not --workdir)."),
+                             "params dir. export: a params dir or any of those (not --workdir). "
+                             "inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth."),
       "out": f.DEFINE_string("out", None, "import: params directory to create. export: diffusers "
-                             "folder (or .safetensors file with --format=ldm)."),
+                             "folder (or .safetensors file with --format=ldm). lpips, inception: "
+                             "the .safetensors file to write."),
+      "vgg": f.DEFINE_string("vgg", None, "lpips: torchvision's VGG16 ImageNet weights "
+                             "(vgg16-397923af.pth; default: torchvision's download cache)."),
+      "lin": f.DEFINE_string("lin", None, "lpips: the LPIPS v0.1 lin weights (default: "
+                             "lpips/weights/v0.1/vgg.pth of the installed lpips package)."),
       "workdir": f.DEFINE_string("workdir", None, "export: the run directory to export from."),
       "step": f.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)."),
       "weights": f.DEFINE_enum("weights", "auto", ["auto", "ema", "params"],
@@ -115,13 +135,35 @@ def run_export(out: str, *, model_cfg: AutoencoderConfig | None, workdir: str | 
           "shift_factor": factors["shift_factor"]}
 
 
+def run_feature_net(command: str, out: str, *, src: str | None = None, vgg: str | None = None,
+                    lin: str | None = None) -> str:
+  """`lpips` or `inception`: converts the network's PyTorch weights into `out`; returns the line
+  telling where to use the file."""
+  if command == "lpips":
+    torch_nets.convert_lpips(out, vgg_path=vgg, lin_path=lin)
+    torch_nets.load_lpips_params(out)  # Read back: what training will read.
+    return (f"Wrote {out} (LPIPS-VGG v0.1). Use it with --config.loss.lpips_weights={out} "
+            f"(training, evaluation) or evaluate --lpips_weights={out}")
+  if not src:
+    raise cli.usage_error(f"inception needs --src={torch_nets.INCEPTION_FILE} (pytorch-fid's "
+                          f"FID weights, {torch_nets.INCEPTION_URL})")
+  torch_nets.convert_inception(src, out)
+  torch_nets.load_inception_params(out)
+  return (f"Wrote {out} (pytorch-fid Inception). Use it with evaluate --inception_weights={out} "
+          f"or --config.inception_weights={out}")
+
+
 def main(argv: list[str], flag_values: dict[str, Any]) -> int:
-  """`import` or `export`; a mistake or unusable weights raise one-line errors (exit 2)."""
+  """import, export, lpips or inception; a mistake or unusable weights raise one-line errors
+  (exit 2)."""
   fv = {k: v.value for k, v in flag_values.items()}
-  if len(argv) != 2 or argv[1] not in ("import", "export"):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
     raise cli.usage_error(USAGE)
   if not fv["out"]:
     raise cli.usage_error(f"--out is required; {USAGE}")
+  if argv[1] in ("lpips", "inception"):
+    print(run_feature_net(argv[1], fv["out"], src=fv["src"], vgg=fv["vgg"], lin=fv["lin"]))
+    return 0
   model_cfg = _model_cfg_of(fv["config"])
   if argv[1] == "import":
     if not fv["src"]:

@@ -272,7 +272,7 @@ def main(argv: list[str], fl: dict[str, Any]) -> int:
   if v["output_dir"] is None or not (v["workdir"] or v["params"]):
     raise cli.usage_error("--output_dir and --workdir (or --params with --config) are required")
   v["config"] = cli.run_config(fl)
-  config_lib.validate(v["config"])
+  config_lib.validate(v["config"], training=False)
   cli.init_distributed(fl)
   meta = run(v["config"], v["workdir"], v["output_dir"], step=v["step"], weights=v["weights"],
              params_path=v["params"], split=v["split"], mode=v["mode"], dtype=v["dtype"],

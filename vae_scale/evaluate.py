@@ -1,15 +1,21 @@
 r"""Evaluates a trained autoencoder on the held-out set: numbers, TensorBoard and image grids.
 
   python -m vae_scale.evaluate --config=configs/ldm_f8.py --workdir=RUN [--step=N] \
-      [--output_dir=RUN/eval] [--num_images=N] [--weights=auto|ema|params] [--params=PATH]
+      [--output_dir=RUN/eval] [--num_images=N] [--weights=auto|ema|params] [--params=PATH] \
+      [--inception_weights=inception.safetensors] [--lpips_weights=lpips_vgg.safetensors]
 
 Over `num_eval_images` center crops of the eval split: PSNR and SSIM (mean and std over images),
 mean L1, KL per latent channel, and the latent mean/std (overall and per channel; 1/std is the
-scale factor a diffusion model would use). Written to `eval_{step:08d}.json` and TensorBoard
-(`evaluate/*`) in the output directory, with PNG grids of reconstructions, of decodes of latents
-drawn from the prior N(0, I), and of latent interpolations between pairs of images. EMA weights
-are used when the run keeps them. `--params` evaluates imported weights (e.g. the public SD VAE)
-instead of a run.
+scale factor a diffusion model would use); with --lpips_weights (default config.loss.lpips_weights)
+LPIPS-VGG, and with --inception_weights (default config.inception_weights) rFID between the images
+and their reconstructions (pytorch-fid's Inception pool3 features, Frechet distance in float64).
+Make the weight files once with `python -m vae_scale.convert lpips|inception`. Written to
+`eval_{step:08d}.json` and TensorBoard (`evaluate/*`) in the output directory, with PNG grids of
+reconstructions, of decodes of latents drawn from the prior N(0, I), and of latent interpolations
+between pairs of images; a progress line with an ETA is logged every --log_every_batches batches,
+and the last lines printed are LDM Table 8's columns (rFID | PSNR | SSIM, then LPIPS) and the JSON.
+EMA weights are used when the run keeps them. `--params` evaluates imported weights (e.g. the
+public SD VAE) instead of a run.
 """
 
 from __future__ import annotations
@@ -27,36 +33,55 @@ from etils import epath
 from vae_scale import cli
 from vae_scale import config_lib
 from vae_scale import evaluation
+from vae_scale import rfid
 from vae_scale import sharding
 from vae_scale.data import pipeline
+from vae_scale.interop import torch_nets
 from vae_scale.interop import weights as weights_lib
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, *, step: int | None = None,
         output_dir: str | None = None, weights: str = "auto", params_path: str | None = None,
-        num_images: int | None = None) -> dict[str, Any]:
+        num_images: int | None = None, lpips_weights: str | None = None,
+        inception_weights: str | None = None, log_every_batches: int = 0) -> dict[str, Any]:
   """Evaluates a run's checkpoint (or weights at `params_path`) on `config`'s eval split.
 
   Every process calls it. Process 0 writes `eval_{step:08d}.json` and PNG grids into
   `output_dir` (default `workdir/eval`); TensorBoard events go there too.
 
+  Args:
+    lpips_weights: LPIPS-VGG safetensors for the `lpips` metric; None: config.loss.lpips_weights;
+      '': none.
+    inception_weights: pytorch-fid Inception safetensors for `rfid`; None: config.inception_weights;
+      '': none.
+    log_every_batches: progress line every this many batches (0: none).
   Returns:
     The metrics of `evaluation.Evaluator` and step, weights, image_size, files.
   Raises:
-    ConversionError: no such checkpoint, or weights that don't fit config.model.
+    ConversionError: no such checkpoint, weights that don't fit config.model, or a weights file
+      of another network (all before anything compiles).
     DataError / ConfigError: bad data or config.
   """
   pi, pc = jax.process_index(), jax.process_count()
   if num_images:
     config = config.copy_and_resolve_references()
     config.num_eval_images = int(num_images)
-  config_lib.validate(config, num_devices=jax.device_count(), num_processes=pc)
+  config_lib.validate(config, num_devices=jax.device_count(), num_processes=pc, training=False)
   mesh = sharding.create_mesh()
   eval_ds = pipeline.create_eval_dataset(config, pi, pc)  # Bad data fails first.
+  lpips_weights = config.loss.lpips_weights if lpips_weights is None else lpips_weights
+  inception_weights = config.inception_weights if inception_weights is None else inception_weights
+  # The feature networks' files are checked (network tag, names, shapes) before anything compiles.
+  lpips_params = torch_nets.load_lpips_params(lpips_weights) if lpips_weights else None
+  inception_params = (torch_nets.load_inception_params(inception_weights) if inception_weights
+                      else None)
   params, step, which = weights_lib.load_weights(
       config, workdir, params_path, step, weights, sharding.replicated(mesh))
   output_dir = epath.Path(output_dir or epath.Path(workdir) / "eval")
-  metrics, grids = evaluation.Evaluator(config, mesh)(params, eval_ds, pc)
+  evaluator = evaluation.Evaluator(config, mesh, lpips_params=lpips_params,
+                                   inception_params=inception_params,
+                                   log_every_batches=log_every_batches)
+  metrics, grids = evaluator(params, eval_ds, pc)
   result: dict[str, Any] = {"step": int(step), "weights": which,
                             "image_size": config.image_size, **metrics}
   scalars = evaluation.scalars(metrics, "evaluate")
@@ -75,9 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *, step: int | N
     writer.write_scalars(step, scalars)
     writer.write_images(step, {f"evaluate/{k}": v[None] for k, v in grids.items()})
   writer.close()
-  logging.info("Evaluated step %d (%s weights) on %d images: PSNR %.3f, SSIM %.4f, L1 %.4f, "
-               "latent std %.4g", step, which, result["num_images"], result["psnr"],
-               result["ssim"], result["l1"], result["latent_std"])
+  logging.info("Evaluated step %d (%s weights): %s, L1 %.4f, latent std %.4g", step, which,
+               rfid.table_line(result), result["l1"], result["latent_std"])
   return result
 
 
@@ -95,6 +119,15 @@ def define_flags() -> dict[str, Any]:
                                     "go (default: WORKDIR/eval)."),
       "num_images": f.DEFINE_integer("num_images", None, "Held-out images (default: "
                                      "config.num_eval_images)."),
+      "inception_weights": f.DEFINE_string(
+          "inception_weights", None, "pytorch-fid Inception weights (safetensors, from `python -m "
+          "vae_scale.convert inception`) for rFID (default: config.inception_weights; '' = none)."),
+      "lpips_weights": f.DEFINE_string(
+          "lpips_weights", None, "LPIPS-VGG weights (safetensors, from `python -m "
+          "vae_scale.convert lpips`) for LPIPS (default: config.loss.lpips_weights; '' = none)."),
+      "log_every_batches": f.DEFINE_integer(
+          "log_every_batches", 10, "Log progress (batches done/total, images/s, ETA) every this "
+          "many batches; 0 = never."),
   }
 
 
@@ -108,11 +141,14 @@ def main(argv: list[str], fl: dict[str, Any]) -> int:
   v["config"] = cli.run_config(fl)
   if v["params"] and not (v["output_dir"] or v["workdir"]):
     raise cli.usage_error("--params needs --output_dir")
-  config_lib.validate(v["config"])
+  config_lib.validate(v["config"], training=False)
   cli.init_distributed(fl)
   result = run(v["config"], v["workdir"], step=v["step"], output_dir=v["output_dir"],
-               weights=v["weights"], params_path=v["params"], num_images=v["num_images"])
+               weights=v["weights"], params_path=v["params"], num_images=v["num_images"],
+               lpips_weights=v["lpips_weights"], inception_weights=v["inception_weights"],
+               log_every_batches=v["log_every_batches"])
   if jax.process_index() == 0:
+    print(f"step {result['step']} ({result['weights']} weights): {rfid.table_line(result)}")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}))
   return 0
 

@@ -3,7 +3,9 @@
 Over the eval set (`data.pipeline.eval_batches`: every process the same number of batches, a short
 share padded with weight-0 images): PSNR and SSIM (mean and std over images), mean L1, KL per latent
 channel, and the latent mean/std (overall and per channel; 1/std is the scale factor a diffusion
-model would use), and image grids of the first batch.
+model would use), and image grids of the first batch. Given LPIPS params: LPIPS (mean and std);
+given Inception params: rFID between the held-out images and their reconstructions (`rfid`).
+Reconstructions are clipped to [-1, 1] for every metric, as a saved image would be.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ from PIL import Image
 from vae_scale import losses
 from vae_scale import metrics
 from vae_scale import models
+from vae_scale import rfid
 from vae_scale import sharding
 from vae_scale.data import pipeline
+from vae_scale.errors import ConfigError
 from vae_scale.errors import DataError
+from vae_scale.models import inception
+from vae_scale.models import lpips
 
 GRIDS = ("reconstructions", "prior_samples", "interpolations")
 NUM_SHOWN = 8  # Images per reconstruction / prior-sample grid.
@@ -34,18 +40,22 @@ NUM_PAIRS = 4  # Interpolated pairs.
 NUM_STEPS = 8  # Interpolation steps per pair (ends included).
 
 
-def eval_sums(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
-              ) -> dict[str, jax.Array]:
-  """Weighted sums of the metrics over a global batch (weight 0 marks padding).
+def eval_sums(params: Any, batch: dict[str, jax.Array], nets: dict[str, Any] | None = None, *,
+              graphdef: nnx.GraphDef) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Weighted sums of the metrics over a global batch (weight 0 marks padding), and features.
 
   Args:
     params: autoencoder params.
     batch: {'image': [B, H, W, 3] in [-1, 1], 'weight': [B] in {0, 1}}.
+    nets: frozen feature networks' params: 'lpips' (LPIPS-VGG) and/or 'inception', or None.
     graphdef: the autoencoder's GraphDef.
   Returns:
-    Scalars n, psnr, psnr_sq, ssim, ssim_sq, l1; kl [C]; and the latent moments of this batch
-    lat_n, lat_mean [C], lat_m2 [C].
+    (sums, features). sums: scalars n, psnr, psnr_sq, ssim, ssim_sq, l1 (and lpips, lpips_sq with
+    'lpips'); kl [C]; the latent moments of this batch lat_n, lat_mean [C], lat_m2 [C].
+    features (with 'inception', else {}): real, fake [B, 2048] pool3 features of the inputs and of
+    the clipped reconstructions, and weight [B], all batch-sharded.
   """
+  nets = nets or {}
   x, w = batch["image"], batch["weight"]
   model = nnx.merge(graphdef, params)
   post = model.encode(x)
@@ -59,9 +69,18 @@ def eval_sums(params: Any, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDe
   mean = jnp.sum(wz * z, axis=(0, 1, 2)) / jnp.maximum(n, 1.0)
   m2 = jnp.sum(wz * jnp.square(z - mean), axis=(0, 1, 2))
   wsum = lambda v: jnp.sum(w * v)
-  return {"n": jnp.sum(w), "psnr": wsum(psnr), "psnr_sq": wsum(psnr ** 2), "ssim": wsum(ssim),
+  sums = {"n": jnp.sum(w), "psnr": wsum(psnr), "psnr_sq": wsum(psnr ** 2), "ssim": wsum(ssim),
           "ssim_sq": wsum(ssim ** 2), "l1": wsum(l1), "kl": jnp.sum(w[:, None] * kl, axis=0),
           "lat_n": n, "lat_mean": mean, "lat_m2": m2}
+  clipped = jnp.clip(recon.astype(jnp.float32), -1.0, 1.0)
+  if "lpips" in nets:
+    d = lpips.lpips_distance(nets["lpips"], clipped, x)
+    sums.update(lpips=wsum(d), lpips_sq=wsum(d ** 2))
+  features = {}
+  if "inception" in nets:
+    features = {"real": inception.inception_features(nets["inception"], x),
+                "fake": inception.inception_features(nets["inception"], clipped), "weight": w}
+  return sums, features
 
 
 def grids(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, graphdef: nnx.GraphDef,
@@ -113,17 +132,29 @@ class Evaluator:
     config: the run config (global_batch_size, num_eval_images, model, seed).
     mesh: the data mesh (batches are split over it, params replicated).
     kinds: which grids to draw (a subset of GRIDS).
+    lpips_params: LPIPS-VGG params (`torch_nets.load_lpips_params`): adds `lpips`, or None.
+    inception_params: pytorch-fid Inception params (`torch_nets.load_inception_params`): adds
+      `rfid`, or None.
+    log_every_batches: log progress (done/total, images/s, ETA) every this many batches; 0: never.
+  Raises:
+    ConfigError: LPIPS asked for images smaller than 16 px.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh,
-               kinds: Sequence[str] = GRIDS):
-    self._config, self._mesh = config, mesh
+               kinds: Sequence[str] = GRIDS, *, lpips_params: Any = None,
+               inception_params: Any = None, log_every_batches: int = 0):
+    self._config, self._mesh, self._log_every = config, mesh, log_every_batches
     self._model_cfg = models.AutoencoderConfig.from_config(config)
     graphdef = models.autoencoder_graphdef(self._model_cfg)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     in_sh = (repl, {"image": batch_sh, "weight": batch_sh})
-    self._sums = jax.jit(functools.partial(eval_sums, graphdef=graphdef), in_shardings=in_sh,
-                         out_shardings=repl)
+    if lpips_params is not None and config.image_size < 16:
+      raise ConfigError(f"config.image_size: {config.image_size} is below 16, the smallest input "
+                        "LPIPS-VGG leaves a pixel of; evaluate without --lpips_weights")
+    nets = {"lpips": lpips_params, "inception": inception_params}
+    self._nets = {k: jax.device_put(v, repl) for k, v in nets.items() if v is not None}
+    self._sums = jax.jit(functools.partial(eval_sums, graphdef=graphdef),
+                         in_shardings=in_sh + (repl,), out_shardings=(repl, batch_sh))
     b = config.global_batch_size
     self._grids = jax.jit(functools.partial(
         grids, graphdef=graphdef, kinds=tuple(kinds), num_shown=min(NUM_SHOWN, b),
@@ -139,22 +170,29 @@ class Evaluator:
       dataset: `data.pipeline.create_eval_dataset(...)` of this process.
       process_count: processes in the run.
     Returns:
-      (metrics: psnr, psnr_std, ssim, ssim_std, l1, kl, kl_per_channel, num_images and the
+      (metrics: psnr, psnr_std, ssim, ssim_std, l1, kl, kl_per_channel, num_images, lpips and
+      lpips_std (None without LPIPS params), rfid (None without Inception params) and the
       `metrics.latent_summary` fields; grids: name -> uint8 [rows*H, cols*W, 3]).
     Raises:
       DataError: not one held-out image could be read.
     """
     totals, moments, shown = None, metrics.Moments.empty(self._model_cfg.z_channels), None
+    num_batches = pipeline.num_eval_batches(self._config, process_count)
+    progress = rfid.Progress(num_batches, self._log_every)
+    features = rfid.RFID() if "inception" in self._nets else None
     batches: Iterable = pipeline.eval_batches(self._config, dataset, process_count)
-    for local in batches:
+    for i, local in enumerate(batches, 1):
       batch = sharding.global_batch(local, self._mesh)
       if shown is None:
         shown = self._grids(params, batch, jax.random.key(self._config.seed))
-      s = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(
-          self._sums(params, batch)))
+      sums, feats = self._sums(params, batch, self._nets)
+      if features is not None:  # This process's rows only; all processes merge at the end.
+        features.add(*(rfid.local_rows(feats[k]) for k in ("real", "fake", "weight")))
+      s = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(sums))
       moments = moments.merge(metrics.Moments(float(s["lat_n"]), s["lat_mean"], s["lat_m2"]))
       s = {k: v for k, v in s.items() if not k.startswith("lat_")}
       totals = s if totals is None else jax.tree.map(np.add, totals, s)
+      progress.update(i, float(s["n"]))
     if totals["n"] == 0:
       raise DataError("the evaluation set yielded no readable images; check config.data")
     n = totals["n"]
@@ -166,7 +204,12 @@ class Evaluator:
     result: dict[str, Any] = {
         "num_images": int(n), "psnr": psnr, "psnr_std": psnr_std, "ssim": ssim,
         "ssim_std": ssim_std, "l1": float(totals["l1"] / n), "kl": float(np.sum(kl_c)),
-        "kl_per_channel": [float(v) for v in kl_c]}
+        "kl_per_channel": [float(v) for v in kl_c], "lpips": None, "lpips_std": None,
+        "rfid": None}
+    if "lpips" in totals:
+      result["lpips"], result["lpips_std"] = mean_std("lpips")
+    if features is not None:
+      result["rfid"] = features.compute(process_count)[0]
     result.update(metrics.latent_summary(moments))
     return result, {k: tile(v) for k, v in jax.device_get(shown).items()}
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import Callable, Mapping
 
 import dm_pix
 import jax
@@ -60,31 +61,110 @@ def kl_weight_at(step: Array | int, kl_weight: float, warmup_steps: int) -> Arra
   return kl_weight * frac
 
 
-def autoencoder_loss(x: Array, x_hat: Array, posterior: DiagonalGaussian, *, l1_weight: float,
-                     ssim_weight: float, kl_weight: Array | float
-                     ) -> tuple[Array, Mapping[str, Array]]:
-  """The weighted L1 + SSIM + KL loss.
+REDUCTIONS = ("mean", "ldm_sum")
+PerceptualFn = Callable[[Array, Array], Array]  # (x_hat, x) [B, H, W, 3] in [-1, 1] -> [B].
 
-  The KL term enters as a mean per latent element (so its weight does not depend on image size);
-  `kl` in the returned terms is LDM's per-image sum, for comparison with published runs.
+
+def l2_loss(x: Array, x_hat: Array) -> Array:
+  """Mean squared error per element. x, x_hat: [B, H, W, C] in [-1, 1]. Returns a scalar."""
+  return jnp.mean(jnp.square(x.astype(jnp.float32) - x_hat.astype(jnp.float32)))
+
+
+def reconstruction_loss(x: Array, x_hat: Array, *, l1_weight: float, ssim_weight: float,
+                        l2_weight: float = 0.0, perceptual_weight: float = 0.0,
+                        perceptual_fn: PerceptualFn | None = None, reduction: str = "mean"
+                        ) -> tuple[Array, dict[str, Array]]:
+  """The weighted reconstruction term: L1 + L2 + (1 - SSIM) + LPIPS, in the units of `reduction`.
+
+  Per image b with N = H * W * C elements, as LDM's LPIPSWithDiscriminator builds it (per-image
+  terms are broadcast to every element before the sum):
+
+    rec_b = sum over elements of [l1_weight |x - x_hat| + l2_weight (x - x_hat)^2
+                                  + ssim_weight (1 - SSIM_b) + perceptual_weight LPIPS_b]
+
+  'ldm_sum': rec = mean_b rec_b (LDM's nll_loss = sum / B, logvar 0);
+  'mean': rec = mean_b rec_b / N = l1_weight mean|d| + l2_weight mean d^2 + ssim_weight (1 - mean
+  SSIM) + perceptual_weight mean LPIPS (per-element means, the default).
+
+  Args:
+    x: inputs [B, H, W, C] in [-1, 1].
+    x_hat: reconstructions [B, H, W, C] (not clipped: gradients must not vanish outside [-1, 1]).
+    l1_weight, ssim_weight, l2_weight, perceptual_weight: non-negative weights; a term whose
+      weight is 0 is not computed (SSIM, LPIPS) or only reported (L1, L2).
+    perceptual_fn: per-image LPIPS (x_hat, x) -> [B]; required when perceptual_weight > 0.
+    reduction: one of REDUCTIONS.
+
+  Returns:
+    (rec, terms): rec a scalar; terms `l1`, `l2` (per-element means), `ssim_loss` (1 - mean SSIM),
+    `lpips` (batch mean; 0 when off) and `rec_loss` (= rec).
+  """
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction {reduction!r}: use one of {REDUCTIONS}")
+  zero = jnp.zeros((), jnp.float32)
+  l1, l2 = l1_loss(x, x_hat), l2_loss(x, x_hat)
+  s = ssim_loss(x, x_hat) if ssim_weight else zero
+  p = zero
+  if perceptual_weight:
+    if perceptual_fn is None:
+      raise ValueError("perceptual_weight > 0 needs perceptual_fn (LPIPS)")
+    p = jnp.mean(perceptual_fn(x_hat, x).astype(jnp.float32))
+  rec = l1_weight * l1 + l2_weight * l2 + ssim_weight * s + perceptual_weight * p
+  if reduction == "ldm_sum":
+    rec = rec * math.prod(x.shape[1:])
+  return rec, {"l1": l1, "l2": l2, "ssim_loss": s, "lpips": p, "rec_loss": rec}
+
+
+def kl_term(posterior: DiagonalGaussian, reduction: str = "mean") -> Array:
+  """The KL term the loss weights: 'mean' per latent element (mean over B, h, w, c, so kl_weight does
+  not depend on the image size); 'ldm_sum' LDM's per-image sum over h, w, c, batch mean."""
+  if reduction == "ldm_sum":
+    return kl_loss(posterior)
+  return jnp.mean(posterior.kl_per_element())
+
+
+def autoencoder_loss(x: Array, x_hat: Array, posterior: DiagonalGaussian, *, l1_weight: float,
+                     ssim_weight: float, kl_weight: Array | float, l2_weight: float = 0.0,
+                     perceptual_weight: float = 0.0, perceptual_fn: PerceptualFn | None = None,
+                     reduction: str = "mean") -> tuple[Array, Mapping[str, Array]]:
+  """The weighted reconstruction term (`reconstruction_loss`) + kl_weight * `kl_term`.
+
+  With reduction 'mean' (the default) everything is a per-element mean: LDM's kl_weight 1e-6 on
+  summed units is 1e-6 * latent elements / image elements (2.0833e-8 for 256x256x3 <-> 32x32x4).
+  With 'ldm_sum' the loss is LDM's exactly: sum(rec) / B + kl_weight * (KL summed per image,
+  batch mean), kl_weight 1e-6.
 
   Args:
     x: inputs [B, H, W, C] in [-1, 1].
     x_hat: reconstructions [B, H, W, C].
     posterior: q(z|x) with arrays [B, h, w, c].
-    l1_weight, ssim_weight, kl_weight: non-negative weights.
+    l1_weight, ssim_weight, kl_weight, l2_weight, perceptual_weight: non-negative weights.
+    perceptual_fn, reduction: see `reconstruction_loss`.
 
   Returns:
-    (loss, terms) with terms `l1`, `ssim_loss`, `kl` (per image), `kl_per_element`, `rec_loss`.
+    (loss, terms) with the terms of `reconstruction_loss`, `kl` (per image), `kl_per_element`
+    and `kl_weight`.
   """
-  l1 = l1_loss(x, x_hat)
-  s = ssim_loss(x, x_hat) if ssim_weight else jnp.zeros((), jnp.float32)
-  kl_elem = jnp.mean(posterior.kl_per_element())
-  rec = l1_weight * l1 + ssim_weight * s
-  loss = rec + kl_weight * kl_elem
-  terms = {"l1": l1, "ssim_loss": s, "kl": kl_loss(posterior), "kl_per_element": kl_elem,
-           "rec_loss": rec, "kl_weight": jnp.asarray(kl_weight, jnp.float32)}
-  return loss, terms
+  rec, terms = reconstruction_loss(x, x_hat, l1_weight=l1_weight, ssim_weight=ssim_weight,
+                                   l2_weight=l2_weight, perceptual_weight=perceptual_weight,
+                                   perceptual_fn=perceptual_fn, reduction=reduction)
+  return with_kl(rec, terms, posterior, kl_weight, reduction)
+
+
+def with_kl(rec: Array, terms: Mapping[str, Array], posterior: DiagonalGaussian,
+            kl_weight: Array | float, reduction: str = "mean"
+            ) -> tuple[Array, dict[str, Array]]:
+  """rec + kl_weight * `kl_term`, and `terms` with `kl` (per image), `kl_per_element`, `kl_weight`.
+
+  Args:
+    rec, terms: the output of `reconstruction_loss`.
+    posterior: q(z|x) with arrays [B, h, w, c].
+    kl_weight: its weight (after any warm-up).
+    reduction: the reconstruction term's reduction (see `kl_term`).
+  """
+  loss = rec + kl_weight * kl_term(posterior, reduction)
+  return loss, dict(terms, kl=kl_loss(posterior),
+                    kl_per_element=jnp.mean(posterior.kl_per_element()),
+                    kl_weight=jnp.asarray(kl_weight, jnp.float32))
 
 
 def psnr(x: Array, x_hat: Array) -> Array:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from vae_scale import sharding
 from vae_scale import steps
+from vae_scale.interop import torch_nets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,8 @@ class TrainPrograms:
     replicated: the sharding of replicated values (metrics, params for evaluation).
     batch_sharding: the images' sharding, batch axis split over the mesh.
     init: () -> a fresh TrainState, born sharded (jitted; root key from config.seed).
-    ae_step: (state, {'image': [B, H, W, 3]}) -> (state, metrics), the discriminator not run.
+    ae_step: (state, {'image': [B, H, W, 3]}) -> (state, metrics), the discriminator not run
+      (a `Bound` step: the frozen LPIPS params ride along as an argument).
     gan_step: the same with the adversarial term, or None when the run has no discriminator.
   """
 
@@ -43,15 +45,47 @@ class TrainPrograms:
   gan_step: Any
 
 
-def jit_train_step(step_cfg: steps.StepConfig, state_sharding: Any, mesh: Mesh) -> Any:
-  """`steps.train_step` bound to `step_cfg`, jitted with shardings, the state donated."""
-  return jax.jit(functools.partial(steps.train_step, cfg=step_cfg),
-                 in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A jitted `(state, batch, lpips_params)` step, or its Lowered / Compiled stage, with the frozen
+  LPIPS params bound: called and lowered as `(state, batch)`, like a step without them.
+
+  The params are a replicated jit argument, not a constant closed over (which XLA would embed in
+  the program) and not state (they are never trained or checkpointed). Other attributes
+  (cost_analysis, memory_analysis, as_text) are the stage's.
+  """
+
+  stage: Any
+  lpips_params: Any = None
+
+  def __call__(self, state: Any, batch: Any) -> Any:
+    return self.stage(state, batch, self.lpips_params)
+
+  def lower(self, state: Any, batch: Any) -> "Bound":
+    return Bound(self.stage.lower(state, batch, self.lpips_params), self.lpips_params)
+
+  def compile(self) -> "Bound":
+    return Bound(self.stage.compile(), self.lpips_params)
+
+  def __getattr__(self, name: str) -> Any:
+    if name in ("stage", "lpips_params"):  # Not set yet (copy, unpickle): no recursion.
+      raise AttributeError(name)
+    return getattr(self.stage, name)
+
+
+def jit_train_step(step_cfg: steps.StepConfig, state_sharding: Any, mesh: Mesh,
+                   lpips_params: Any = None) -> Bound:
+  """`steps.train_step` bound to `step_cfg` and `lpips_params` (replicated on `mesh`, or None),
+  jitted with shardings, the state donated."""
+  repl = sharding.replicated(mesh)
+  jitted = jax.jit(functools.partial(steps.train_step, cfg=step_cfg),
+                   in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}, repl),
+                   out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  return Bound(jitted, lpips_params)
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
-          with_disc: bool | None = None) -> TrainPrograms:
+          with_disc: bool | None = None, lpips_params: Any = None) -> TrainPrograms:
   """The programs of `config` over `mesh` (nothing is compiled until first use).
 
   Args:
@@ -59,18 +93,28 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
     mesh: the data-parallel mesh.
     frozen: pytree of bools marking frozen autoencoder parameters, or None.
     with_disc: carry the discriminator (default: config.disc.enabled); the GAN step needs it.
+    lpips_params: LPIPS-VGG params (`torch_nets.load_lpips_params`) for a loss with
+      loss.perceptual_weight > 0; default: read from config.loss.lpips_weights.
+  Raises:
+    ConversionError: the LPIPS weights file is missing or holds another network.
   """
   with_disc = config.disc.enabled if with_disc is None else with_disc
   step_cfg, init_fn = steps.build(config, frozen=frozen, with_disc=with_disc)
+  if config.loss.perceptual_weight > 0:
+    if lpips_params is None:
+      lpips_params = torch_nets.load_lpips_params(config.loss.lpips_weights)
+    lpips_params = jax.device_put(lpips_params, sharding.replicated(mesh))
+  else:
+    lpips_params = None  # The step does not use them: don't make it carry them.
   root_key = jax.random.key(config.seed)
   abstract = jax.eval_shape(init_fn, root_key)
   state_sharding = sharding.shardings_for(abstract, mesh)
   init = jax.jit(functools.partial(init_fn, root_key), out_shardings=state_sharding)
   # Two variants, each compiled on first use: before disc.start_step the discriminator is not run
   # at all (disc_factor is 0 there, so it would contribute nothing but cost).
-  ae_step = jit_train_step(step_cfg, state_sharding, mesh)
-  gan_step = (jit_train_step(dataclasses.replace(step_cfg, adversarial=True), state_sharding, mesh)
-              if with_disc else None)
+  ae_step = jit_train_step(step_cfg, state_sharding, mesh, lpips_params)
+  gan_step = (jit_train_step(dataclasses.replace(step_cfg, adversarial=True), state_sharding, mesh,
+                             lpips_params) if with_disc else None)
   return TrainPrograms(step_cfg=step_cfg,
                        abstract_state=sharding.with_shardings(abstract, state_sharding),
                        state_sharding=state_sharding, replicated=sharding.replicated(mesh),

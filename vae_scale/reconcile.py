@@ -15,7 +15,7 @@ a ConfigError when the run cannot continue. Pure decision logic (no arrays). Eac
                 dropped from new checkpoints (older ones keep it).
   freeze        freeze_encoder switched: the encoder side's Adam moments reset, the decoder's stay.
   data          the train stream reads something else (source, path, tfds name/split/key, a folder's
-                held-out split, synthetic size, num_workers 0 <-> > 0, seed): the model continues,
+                held-out split, synthetic size, seed): the model continues,
                 the stream restarts from its beginning.
   continue      the same state: optimizer, schedule, loss, dtype, remat, intervals, evaluation...;
                 a learning rate that jumps more than 1% at the resume step is warned about.
@@ -251,12 +251,8 @@ def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
             f"disc.start_step, intervals) now cover {new / old:.3g}x as many images (LDM scales "
             f"learning rates with the batch: {base:g} x {new} = {base * new:.3g}; "
             f"optimizer.learning_rate is {n.get('optimizer.learning_rate')!r})", True)
-  if field == "data.num_workers":
-    if (old == 0) != (new == 0):
-      return "data", ("the iterator states of in-process loading and of worker processes are not "
-                      f"interchangeable: {_RESTART}"), True
-    return "continue", ("the stream resumes, but its examples come in another order than an "
-                        "uninterrupted run's"), True
+  if field == "data.num_workers":  # The data position is global; workers only decode.
+    return "continue", "decoding only; the data position and order are kept", False
   if field.startswith("data.") or field == "num_eval_images":
     effect = "eval" if field == "num_eval_images" else _data_effect(field, o, n)
     if effect == "train":

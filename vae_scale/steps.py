@@ -21,6 +21,7 @@ from vae_scale.models import AutoencoderConfig
 from vae_scale.models import AutoencoderKL
 from vae_scale.models import DiscriminatorConfig
 from vae_scale.models import NLayerDiscriminator
+from vae_scale.models import lpips
 
 Array = jax.Array
 
@@ -57,8 +58,11 @@ class StepConfig:
     graphdef: the autoencoder's nnx.GraphDef (merged with the params inside the step).
     tx: the autoencoder's optimizer; schedule: its learning-rate schedule (for the metric).
     metrics_cls: the clu.metrics Collection class the train step returns.
-    l1_weight, ssim_weight: weights of the per-element L1 and (1 - SSIM) terms (>= 0).
-    kl_weight: weight of the KL per latent element after `kl_warmup_steps` of linear warm-up.
+    l1_weight, ssim_weight, l2_weight, perceptual_weight: weights of the L1, (1 - SSIM), squared
+      error and LPIPS terms (>= 0; see `losses.reconstruction_loss`).
+    kl_weight: weight of the KL term after `kl_warmup_steps` of linear warm-up.
+    reduction: 'mean' (per-element means) or 'ldm_sum' (LDM's summed units): `losses.REDUCTIONS`.
+    lpips_dtype: compute dtype of LPIPS's VGG convs (the model's dtype).
     dropout: the model's dropout rate (0: the step runs deterministically).
     ema_decay: decay of the parameter EMA (0: no EMA).
     z_channels: latent channels (for the per-channel KL metrics).
@@ -85,6 +89,10 @@ class StepConfig:
   disc_factor: float = 1.0
   disc_loss: str = "hinge"
   adversarial: bool = False
+  l2_weight: float = 0.0
+  perceptual_weight: float = 0.0
+  reduction: str = "mean"
+  lpips_dtype: str = "float32"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -93,21 +101,26 @@ class StepConfig:
                   disc_tx: optax.GradientTransformation | None = None) -> "StepConfig":
     z = config.model.z_channels
     return cls(graphdef=graphdef, tx=tx, schedule=schedule,
-               metrics_cls=metrics.collection(train_metric_names(z)),
+               metrics_cls=metrics.collection(
+                   train_metric_names(z, perceptual=config.loss.perceptual_weight > 0)),
                l1_weight=config.loss.l1_weight, ssim_weight=config.loss.ssim_weight,
                kl_weight=config.loss.kl_weight, kl_warmup_steps=config.loss.kl_warmup_steps,
                dropout=config.model.dropout, ema_decay=config.ema_decay, z_channels=z,
                disc_graphdef=disc_graphdef, disc_tx=disc_tx, disc_weight=config.disc.weight,
-               disc_factor=config.disc.factor, disc_loss=config.disc.loss)
+               disc_factor=config.disc.factor, disc_loss=config.disc.loss,
+               l2_weight=config.loss.l2_weight, perceptual_weight=config.loss.perceptual_weight,
+               reduction=config.loss.reduction, lpips_dtype=config.model.dtype)
 
 
 ADVERSARIAL_METRICS = ["g_loss", "d_loss", "d_weight", "disc_factor", "logits_real",
                        "logits_fake", "disc_accuracy"]
 
 
-def train_metric_names(z_channels: int) -> list[str]:
-  names = ["loss", "l1", "ssim_loss", "kl", "kl_weight", "rec_loss", "grad_norm",
+def train_metric_names(z_channels: int, perceptual: bool = False) -> list[str]:
+  """The train step's metrics; `lpips` only when the loss has the perceptual term."""
+  names = ["loss", "l1", "l2", "ssim_loss", "kl", "kl_weight", "rec_loss", "grad_norm",
            "learning_rate", "psnr", "ssim", "nonfinite_skipped", "latent_std"]
+  names += ["lpips"] if perceptual else []
   return names + ADVERSARIAL_METRICS + [f"kl_channel_{c}" for c in range(z_channels)]
 
 
@@ -174,27 +187,56 @@ def discriminate(cfg: StepConfig, disc_params: Any, disc_stats: Any, images: Arr
   return logits, nnx.to_pure_dict(nnx.state(disc, nnx.BatchStat))
 
 
+def reconstruction_fn(cfg: StepConfig, x: Array, lpips_params: Any = None
+                      ) -> Callable[[Array], tuple[Array, dict[str, Array]]]:
+  """The reconstruction term of the loss as a function of the reconstruction [B, H, W, 3]:
+  (rec, terms) of `losses.reconstruction_loss` with the step's weights and LPIPS.
+
+  The loss and LDM's adaptive weight both use this one function, so d_weight is taken on the whole
+  reconstruction term (LPIPS included), as taming-transformers does.
+
+  Args:
+    cfg: static parts (weights, reduction, LPIPS dtype).
+    x: the inputs [B, H, W, 3] in [-1, 1].
+    lpips_params: frozen LPIPS-VGG params (`torch_nets.load_lpips_params`); needed when
+      cfg.perceptual_weight > 0, otherwise unused.
+  """
+  perceptual = None
+  if cfg.perceptual_weight:
+    if lpips_params is None:
+      raise ValueError("perceptual_weight > 0 needs the LPIPS params (config.loss.lpips_weights)")
+    perceptual = functools.partial(lpips.lpips_distance, lpips_params,
+                                   dtype=jnp.dtype(cfg.lpips_dtype))
+  return functools.partial(losses.reconstruction_loss, x, l1_weight=cfg.l1_weight,
+                           ssim_weight=cfg.ssim_weight, l2_weight=cfg.l2_weight,
+                           perceptual_weight=cfg.perceptual_weight, perceptual_fn=perceptual,
+                           reduction=cfg.reduction)
+
+
 def last_layer_grads(cfg: StepConfig, x: Array, h: Array, recon: Array, params: Any,
-                     disc_params: Any, disc_stats: Any) -> tuple[Array, Array]:
-  """Gradients of the reconstruction loss and of the generator loss w.r.t. the decoder's last
-  kernel W, as LDM's adaptive weight needs them (through one VJP of the last conv)."""
+                     disc_params: Any, disc_stats: Any, lpips_params: Any = None
+                     ) -> tuple[Array, Array]:
+  """Gradients of the reconstruction term (`reconstruction_fn`) and of the generator loss w.r.t.
+  the decoder's last kernel W, as LDM's adaptive weight needs them (through one VJP of the last
+  conv)."""
   conv = params["decoder"]["conv_out"]
   _, vjp = jax.vjp(lambda w: _last_conv(h, w, conv["bias"]), conv["kernel"])
-  rec_fn = lambda r: (cfg.l1_weight * losses.l1_loss(x, r) +
-                      (cfg.ssim_weight * losses.ssim_loss(x, r) if cfg.ssim_weight else 0.0))
+  rec_fn = lambda r: reconstruction_fn(cfg, x, lpips_params)(r)[0]
   g_fn = lambda r: losses.generator_loss(discriminate(cfg, disc_params, disc_stats, r)[0])
   rec_grad = vjp(jax.grad(rec_fn)(recon))[0]
   g_grad = vjp(jax.grad(g_fn)(recon))[0]
   return rec_grad, g_grad
 
 
-def train_step(state: TrainState, batch: dict[str, Array], *,
+def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = None, *,
                cfg: StepConfig) -> tuple[TrainState, Any]:
   """One optimizer step of the autoencoder (and, when `cfg.adversarial`, of the discriminator).
 
   Args:
     state: the train state (donated).
     batch: {'image': [B, H, W, 3] float32 in [-1, 1]}, the global batch.
+    lpips_params: frozen LPIPS-VGG params (flat dict of arrays), an argument rather than state: they
+      are never trained, checkpointed or given to the optimizer. None when the loss has no LPIPS.
     cfg: static parts.
   Returns:
     (new state, metrics collection of this step).
@@ -210,15 +252,15 @@ def train_step(state: TrainState, batch: dict[str, Array], *,
     model = nnx.merge(cfg.graphdef, params)
     recon, post, h = model.forward_with_features(x, sample_rng, deterministic=cfg.dropout == 0,
                                                  rngs=nnx.Rngs(dropout=dropout_rng))
-    loss, terms = losses.autoencoder_loss(x, recon, post, l1_weight=cfg.l1_weight,
-                                          ssim_weight=cfg.ssim_weight, kl_weight=kl_weight)
+    loss, terms = losses.with_kl(*reconstruction_fn(cfg, x, lpips_params)(recon), post,
+                                 kl_weight, cfg.reduction)
     adv = dict.fromkeys(["g_loss", "d_weight"], jnp.zeros((), jnp.float32))
     if cfg.adversarial:
       logits_fake, _ = discriminate(cfg, state.disc_params, state.disc_stats, recon)
       g_loss = losses.generator_loss(logits_fake)
       rec_grad, g_grad = last_layer_grads(cfg, x, jax.lax.stop_gradient(h),
                                           jax.lax.stop_gradient(recon), params,
-                                          state.disc_params, state.disc_stats)
+                                          state.disc_params, state.disc_stats, lpips_params)
       d_weight = losses.adaptive_weight(rec_grad, g_grad, cfg.disc_weight)
       loss = loss + d_weight * disc_factor * g_loss
       adv = {"g_loss": g_loss, "d_weight": d_weight}
@@ -264,5 +306,5 @@ def train_step(state: TrainState, batch: dict[str, Array], *,
       nonfinite_skipped=1.0 - jnp.asarray(opt_state.last_finite, jnp.float32),
       latent_std=jnp.std(post.mean), disc_factor=disc_factor,
       **_channel_metrics("kl_channel", losses.kl_per_channel(post)))
-  names = train_metric_names(cfg.z_channels)
+  names = train_metric_names(cfg.z_channels, perceptual=cfg.perceptual_weight > 0)
   return new_state, cfg.metrics_cls.single_from_model_output(**{n: outputs[n] for n in names})

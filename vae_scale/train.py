@@ -26,11 +26,14 @@ from vae_scale import models
 from vae_scale import optim
 from vae_scale import preemption
 from vae_scale import programs
+from vae_scale import rfid
 from vae_scale import sharding
 from vae_scale import steps
 from vae_scale.data import pipeline
 from vae_scale.data import skipping
+from vae_scale.data import sources
 from vae_scale.errors import NonFiniteError
+from vae_scale.interop import torch_nets
 from vae_scale.interop import weights
 
 
@@ -69,24 +72,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                jax.local_device_count())
 
   # Input first: a missing folder or unprepared dataset fails here, before anything compiles.
-  train_ds = pipeline.create_train_dataset(config, pi, pc, workdir=workdir)
+  train_source = sources.make_source(config, "train", workdir)
+  # This process loads the rows of each global batch that the mesh puts on its devices, from the
+  # checkpoint's global position: the same global batches for any process or device count.
+  train_rows = sharding.process_rows(mesh, config.global_batch_size)
+  train_stream = lambda start: iter(pipeline.create_train_dataset(
+      config, pi, pc, train_source, workdir=workdir, start=start, rows=train_rows))
   eval_ds = pipeline.create_eval_dataset(config, pi, pc, workdir=workdir)
   model_cfg = models.AutoencoderConfig.from_config(config)
-  # Weights to start from are read (and checked against the architecture) before any compile.
+  # Weights to start from are read (and checked against the architecture) before any compile, and
+  # so are the frozen feature networks' (LPIPS for the loss and evaluation, Inception for rFID).
   init_params = weights.load_params(config.init_from, model_cfg) if config.init_from else None
-  progs = programs.build(config, mesh, frozen=_frozen(config, model_cfg))
+  lpips_params = (torch_nets.load_lpips_params(config.loss.lpips_weights)
+                  if config.loss.lpips_weights else None)
+  inception_params = (torch_nets.load_inception_params(config.inception_weights)
+                      if config.inception_weights else None)
+  progs = programs.build(config, mesh, frozen=_frozen(config, model_cfg),
+                         lpips_params=lpips_params)
 
   manager = checkpointing.create_manager(workdir, config)
   with watch.phase("restore"), record.phase("restore"):
     resumed = checkpointing.restore_or_init(
         manager, config=config, workdir=workdir, abstract_state=progs.abstract_state,
-        init=progs.init, make_data_iter=lambda: iter(train_ds), replicated=progs.replicated,
-        init_params=init_params)
+        init=progs.init, make_data_iter=train_stream, replicated=progs.replicated,
+        init_params=init_params, data_source=repr(train_source))
   state, train_iter, start_step = resumed.state, resumed.data_iter, resumed.step
   record.restored(start_step)
   if start_step:
     logging.info("Resuming at step %d", start_step)
-  evaluator = evaluation.Evaluator(config, mesh, kinds=("reconstructions",))
+  evaluator = evaluation.Evaluator(config, mesh, kinds=("reconstructions",),
+                                   lpips_params=lpips_params, inception_params=inception_params)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=pi > 0, asynchronous=True)
   if start_step == 0:
@@ -109,8 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if pi == 0:
         evaluation.write_png(epath.Path(workdir) / "images" / f"reconstructions_{step:08d}.png",
                   grids["reconstructions"])
-    logging.info("Eval at step %d over %d images: PSNR %.3f dB, SSIM %.4f, L1 %.4f", step,
-                 result["num_images"], result["psnr"], result["ssim"], result["l1"])
+    logging.info("Eval at step %d: %s, L1 %.4f", step, rfid.table_line(result), result["l1"])
     return result
 
   def before_save(step: int) -> None:
@@ -182,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if preempted:
         writer.flush()
       with record.phase("checkpoint"):
-        checkpointing.save_or_stop(manager, done, state, train_iter, config, last=last,
+        checkpointing.save_or_stop(manager, done, state, resumed.data_position, config, last=last,
                                    preempted=preempted, before_save=before_save)
   with record.phase("checkpoint"):
     manager.wait_until_finished()
