@@ -209,3 +209,13 @@ def assert_trees_equal(a, b):
   import numpy as np  # pylint: disable=g-import-not-at-top
   assert jax.tree.structure(a) == jax.tree.structure(b)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+  """A tiny 2-step run with EMA (checkpoint at step 2), shared by the evaluate and encode tests."""
+  from vae_scale import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(tiny_config(num_train_steps=2, checkpoint_every_steps=2,
+                                       ema_decay=0.9), str(workdir))
+  return str(workdir)

@@ -56,6 +56,7 @@ SCHEMA: dict[str, Any] = {
     "optimizer.warmup_steps": _INT,
     "optimizer.grad_clip_norm": _FLOAT,
     "optimizer.max_consecutive_nonfinite": _INT,
+    "optimizer.grad_accum_steps": _INT,
     "ema_decay": _FLOAT,
     "init_from": _STR,
     "freeze_encoder": _BOOL,
@@ -103,6 +104,7 @@ _NON_NEGATIVE = (
     "data.num_workers", "data.prefetch_batches", "optimizer.max_consecutive_nonfinite",
 )
 _POSITIVE = (
+    "optimizer.grad_accum_steps",
     "image_size", "model.in_channels", "model.out_channels", "model.ch", "model.num_res_blocks",
     "model.z_channels", "model.norm_groups", "disc.n_layers", "disc.filters",
     "optimizer.learning_rate", "disc.learning_rate", "data.synthetic_size", "data.max_pixels",
@@ -233,7 +235,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
           "2x2 max pools leave a pixel of (loss.perceptual_weight > 0)")
   if training:
     _check_training(config)
-  check_batch(config.global_batch_size, num_devices, num_processes)
+  check_batch(config.global_batch_size, num_devices, num_processes,
+              grad_accum_steps=config.optimizer.grad_accum_steps)
 
 
 def _check_training(config: ml_collections.ConfigDict) -> None:

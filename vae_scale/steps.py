@@ -93,6 +93,7 @@ class StepConfig:
   perceptual_weight: float = 0.0
   reduction: str = "mean"
   lpips_dtype: str = "float32"
+  grad_accum_steps: int = 1  # Micro-batches per step (optimizer.grad_accum_steps).
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -109,7 +110,8 @@ class StepConfig:
                disc_graphdef=disc_graphdef, disc_tx=disc_tx, disc_weight=config.disc.weight,
                disc_factor=config.disc.factor, disc_loss=config.disc.loss,
                l2_weight=config.loss.l2_weight, perceptual_weight=config.loss.perceptual_weight,
-               reduction=config.loss.reduction, lpips_dtype=config.model.dtype)
+               reduction=config.loss.reduction, lpips_dtype=config.model.dtype,
+               grad_accum_steps=int(config.optimizer.get("grad_accum_steps", 1)))
 
 
 ADVERSARIAL_METRICS = ["g_loss", "d_loss", "d_weight", "disc_factor", "logits_real",
@@ -266,45 +268,81 @@ def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = N
       adv = {"g_loss": g_loss, "d_weight": d_weight}
     return loss, (terms, adv, recon, post)
 
+  if cfg.grad_accum_steps > 1:  # k micro-batches inside this one step (`accumulate`).
+    from vae_scale import accumulate  # pylint: disable=g-import-not-at-top  (it imports steps)
+    return accumulate.accumulated_step(state, x, lpips_params, step_rng, kl_weight, disc_factor,
+                                       cfg=cfg)
   (loss, (terms, adv, recon, post)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  new_state, opt_state = apply_update(state, grads, cfg)
+  disc_out = dict.fromkeys(["d_loss", "logits_real", "logits_fake", "disc_accuracy"],
+                           jnp.zeros((), jnp.float32))
+  if cfg.adversarial:
+    d_loss, (stats, lr, lf), d_grads = discriminator_grads(cfg, state.disc_params,
+                                                           state.disc_stats, x, recon, disc_factor)
+    new_state, disc_out = apply_disc_update(state, new_state, d_loss, stats, lr, lf, d_grads, cfg)
+  return new_state, collect_metrics(cfg, state, loss, grads, opt_state, terms, adv, disc_out,
+                                    image_metrics(x, recon, post), disc_factor)
+
+
+def apply_update(state: TrainState, grads: Any, cfg: StepConfig) -> tuple[TrainState, Any]:
+  """The optimizer step of the autoencoder (and its EMA) with `grads`; returns (state, opt_state)."""
   updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
     # Skipped (non-finite) steps leave params unchanged, so the average stays finite too.
     ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - cfg.ema_decay)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema_params)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema_params), opt_state
 
-  zero = jnp.zeros((), jnp.float32)
-  disc_out = {"d_loss": zero, "logits_real": zero, "logits_fake": zero, "disc_accuracy": zero}
-  if cfg.adversarial:
-    fake = jax.lax.stop_gradient(recon)
 
-    def d_loss_fn(disc_params):
-      # Real and fake pass separately, as in taming-transformers (separate batch statistics).
-      logits_real, stats = discriminate(cfg, disc_params, state.disc_stats, x)
-      logits_fake, stats = discriminate(cfg, disc_params, stats, fake)
-      d_loss = disc_factor * losses.D_LOSSES[cfg.disc_loss](logits_real, logits_fake)
-      return d_loss, (stats, logits_real, logits_fake)
+def discriminator_grads(cfg: StepConfig, disc_params: Any, disc_stats: Any, x: Array, recon: Array,
+                        disc_factor: Array) -> tuple[Array, tuple[Any, Array, Array], Any]:
+  """The discriminator's loss on real `x` and fake `recon` [B, H, W, 3], its gradients and the
+  batch statistics after both passes: (d_loss, (stats, logits_real, logits_fake), grads)."""
+  fake = jax.lax.stop_gradient(recon)
 
-    (d_loss, (stats, lr, lf)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-        state.disc_params)
-    d_updates, d_opt = cfg.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
-    new_state = new_state.replace(disc_params=optax.apply_updates(state.disc_params, d_updates),
-                                  disc_stats=stats, disc_opt_state=d_opt)
-    acc = 0.5 * (jnp.mean((lr > 0).astype(jnp.float32)) + jnp.mean((lf < 0).astype(jnp.float32)))
-    disc_out = {"d_loss": d_loss, "logits_real": jnp.mean(lr), "logits_fake": jnp.mean(lf),
-                "disc_accuracy": acc}
+  def d_loss_fn(params):
+    # Real and fake pass separately, as in taming-transformers (separate batch statistics).
+    logits_real, stats = discriminate(cfg, params, disc_stats, x)
+    logits_fake, stats = discriminate(cfg, params, stats, fake)
+    d_loss = disc_factor * losses.D_LOSSES[cfg.disc_loss](logits_real, logits_fake)
+    return d_loss, (stats, logits_real, logits_fake)
 
+  (d_loss, aux), grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
+  return d_loss, aux, grads
+
+
+def apply_disc_update(state: TrainState, new_state: TrainState, d_loss: Array, stats: Any,
+                      logits_real: Array, logits_fake: Array, d_grads: Any,
+                      cfg: StepConfig) -> tuple[TrainState, dict[str, Array]]:
+  """The discriminator's optimizer step; returns the state and its metrics."""
+  d_updates, d_opt = cfg.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+  new_state = new_state.replace(disc_params=optax.apply_updates(state.disc_params, d_updates),
+                                disc_stats=stats, disc_opt_state=d_opt)
+  acc = 0.5 * (jnp.mean((logits_real > 0).astype(jnp.float32)) +
+               jnp.mean((logits_fake < 0).astype(jnp.float32)))
+  return new_state, {"d_loss": d_loss, "logits_real": jnp.mean(logits_real),
+                     "logits_fake": jnp.mean(logits_fake), "disc_accuracy": acc}
+
+
+def image_metrics(x: Array, recon: Array, post: Any) -> dict[str, Array]:
+  """PSNR and SSIM (clipped reconstructions), the latent std and the KL per latent channel."""
+  return {"psnr": jnp.mean(losses.psnr(x, recon)), "ssim": jnp.mean(losses.ssim_metric(x, recon)),
+          "latent_std": jnp.std(post.mean),
+          **_channel_metrics("kl_channel", losses.kl_per_channel(post))}
+
+
+def collect_metrics(cfg: StepConfig, state: TrainState, loss: Array, grads: Any, opt_state: Any,
+                    terms: dict[str, Array], adv: dict[str, Array], disc_out: dict[str, Array],
+                    quality: dict[str, Array], disc_factor: Array) -> Any:
+  """The step's metrics collection (`train_metric_names`)."""
   outputs = dict(terms)
-  outputs.update(adv, **disc_out)
+  outputs.update(adv, **disc_out, **quality)
   outputs.update(
       loss=loss, grad_norm=optax.global_norm(grads), learning_rate=cfg.schedule(state.step),
-      psnr=jnp.mean(losses.psnr(x, recon)), ssim=jnp.mean(losses.ssim_metric(x, recon)),
       nonfinite_skipped=1.0 - jnp.asarray(opt_state.last_finite, jnp.float32),
-      latent_std=jnp.std(post.mean), disc_factor=disc_factor,
-      **_channel_metrics("kl_channel", losses.kl_per_channel(post)))
+      disc_factor=disc_factor)
   names = train_metric_names(cfg.z_channels, perceptual=cfg.perceptual_weight > 0)
-  return new_state, cfg.metrics_cls.single_from_model_output(**{n: outputs[n] for n in names})
+  return cfg.metrics_cls.single_from_model_output(**{n: outputs[n] for n in names})

@@ -344,12 +344,18 @@ class AutoencoderKL(nnx.Module):
     z = posterior.mode() if sample_rng is None else posterior.sample(sample_rng)
     return self.decode(z, deterministic, rngs), posterior
 
-  def forward_with_features(self, x: Array, sample_rng: Array, deterministic: bool = True,
-                            rngs: nnx.Rngs | None = None
+  def forward_with_features(self, x: Array, sample_rng: Array | None, deterministic: bool = True,
+                            rngs: nnx.Rngs | None = None, noise: Array | None = None
                             ) -> tuple[Array, DiagonalGaussian, Array]:
     """Like __call__ with a sample, also returning the input h of the decoder's last conv, so the
-    gradient of any loss of the output w.r.t. that conv's kernel is one cheap VJP away."""
+    gradient of any loss of the output w.r.t. that conv's kernel is one cheap VJP away.
+
+    `noise` [B, h, w, z_channels] replaces the draw from `sample_rng` (z = mean + std * noise):
+    gradient accumulation draws it once for the whole batch, so micro-batches see the same noise.
+    """
     posterior = self.encode(x, deterministic, rngs)
-    z = self.post_quant_conv(posterior.sample(sample_rng).astype(self.config.dtype))
+    sample = (posterior.sample(sample_rng) if noise is None else
+              posterior.mean + posterior.std * noise)
+    z = self.post_quant_conv(sample.astype(self.config.dtype))
     h = self.decoder.features(z, deterministic, rngs)
     return self.decoder.conv_out(h).astype(jnp.float32), posterior, h
