@@ -43,16 +43,20 @@ def _absl_flags_parsed():
   yield
 
 
-def tiny_config(**overrides):
-  """tests/tiny_config.py (a few channels, 16 px) with dotted-name overrides."""
-  config = load_config("tiny_config")
+def with_overrides(config, sep: str = ".", **overrides):
+  """`config` with fields set by name (parent and child joined by `sep`); returns it."""
   for key, value in overrides.items():
     node = config
-    *parents, leaf = key.split(".")
+    *parents, leaf = key.split(sep)
     for p in parents:
       node = node[p]
     node[leaf] = value
   return config
+
+
+def tiny_config(**overrides):
+  """tests/tiny_config.py (a few channels, 16 px) with dotted-name overrides."""
+  return with_overrides(load_config("tiny_config"), **overrides)
 
 
 def take(it, n):

@@ -8,6 +8,7 @@ import ml_collections
 import pytest
 
 from conftest import load_config
+from conftest import with_overrides
 from vae_scale import reconcile
 from vae_scale.errors import ConfigError
 
@@ -18,14 +19,7 @@ def _stored(name: str = "ldm_f8", **overrides) -> dict:
 
 
 def _config(name: str = "ldm_f8", **overrides) -> ml_collections.ConfigDict:
-  config = load_config(name)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return with_overrides(load_config(name), sep="__", **overrides)
 
 
 def _resume(old: dict, new: ml_collections.ConfigDict, step: int = 8) -> reconcile.Plan:

@@ -75,10 +75,11 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
   assert checkpointing.stored_config(run / "checkpoints", 4)["num_train_steps"] == 4
 
 
-def _main(tmp_path, *overrides):
+def _main(tmp_path, *overrides, config=REPO / "configs" / "demo.py"):
+  """`python -m vae_scale.main --config=CONFIG --workdir=TMP/run OVERRIDES`, as a user runs it."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'configs' / 'demo.py'}",
+  cmd = [sys.executable, "-m", "vae_scale.main", f"--config={config}",
          f"--workdir={tmp_path / 'run'}", *overrides]
   return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
 
@@ -174,12 +175,7 @@ def test_train_step_with_lpips_in_ldm_units_is_finite_and_lpips_is_not_state(lpi
 
 
 def _main_tiny(tmp_path, *overrides):
-  """`python -m vae_scale.main --config=tests/tiny_config.py`, as a user would run it."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'tests' / 'tiny_config.py'}",
-         f"--workdir={tmp_path / 'run'}", *overrides]
-  return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+  return _main(tmp_path, *overrides, config=REPO / "tests" / "tiny_config.py")
 
 
 def _one_error_line(res) -> str:
