@@ -159,6 +159,18 @@ def _assert_calls(story, expected):
 
 # -- gcp.sh ------------------------------------------------------------------------------------
 
+# What `watch` does over a story where the slice is preempted once: create, set up, run, watch;
+# then delete, recreate, set up and run the same command again.
+PREEMPTED_ONCE = [
+    DESCRIBE, CREATE,
+    DESCRIBE, SETUP, RUN,
+    DESCRIBE, STATUS,
+    DESCRIBE, DELETE, CREATE,
+    DESCRIBE, SETUP, RUN,
+    DESCRIBE, STATUS,
+]
+
+
 def test_help_lists_every_subcommand_and_flag():
   result = _gcp("--help")
   assert result.returncode == 0, result.stderr
@@ -177,14 +189,7 @@ def test_watch_recovers_a_preempted_spot_slice(fake_gcloud):
          ["running running", "0 0"])
   result = _gcp("watch", *WATCH_FLAGS, *MAIN_ARGS)
   assert result.returncode == 0, result.stderr
-  _assert_calls(fake_gcloud, [
-      DESCRIBE, CREATE,
-      DESCRIBE, SETUP, RUN,
-      DESCRIBE, STATUS,
-      DESCRIBE, DELETE, CREATE,
-      DESCRIBE, SETUP, RUN,
-      DESCRIBE, STATUS,
-  ])
+  _assert_calls(fake_gcloud, PREEMPTED_ONCE)
   assert "restart 1" in result.stderr and "training finished" in result.stderr
 
 
@@ -256,14 +261,7 @@ def test_watch_recovers_a_preempted_multislice(fake_gcloud):
          ["running running running running", "0 0 0 0"])
   result = _gcp("watch", *MS_FLAGS, *MAIN_ARGS)
   assert result.returncode == 0, result.stderr
-  _assert_calls(fake_gcloud, [_multislice(c) for c in [
-      DESCRIBE, CREATE,
-      DESCRIBE, SETUP, RUN,
-      DESCRIBE, STATUS,
-      DESCRIBE, DELETE, CREATE,
-      DESCRIBE, SETUP, RUN,
-      DESCRIBE, STATUS,
-  ]])
+  _assert_calls(fake_gcloud, [_multislice(c) for c in PREEMPTED_ONCE])
   run = _calls(fake_gcloud)[4]
   assert run[-1].endswith(f"--distributed=on --config=configs/pods.py:2xv5e-256 "
                           f"--workdir={WORKDIR} --config.data.path=gs://my-bucket/images "
