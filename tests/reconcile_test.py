@@ -224,11 +224,11 @@ def test_learning_rate_jump_warns():
 
 
 def test_cosine_schedule_length_change():
-  # demo: cosine over 1000 steps; at step 500 the rate is half the peak; over 2000 steps ~85%.
-  plan = _resume(_stored("demo"), _config("demo", num_train_steps=2000), step=500)
+  # demo: cosine over 1200 steps; at step 600 the rate is about half the peak; over 2400 ~85%.
+  plan = _resume(_stored("demo"), _config("demo", num_train_steps=2400), step=600)
   a, b = plan.learning_rates
   assert b > a and plan.warnings
-  assert "num_train_steps 1000 -> 2000" in plan.lines[0] and "jumps" in plan.lines[0]
+  assert "num_train_steps 1200 -> 2400" in plan.lines[0] and "jumps" in plan.lines[0]
 
 
 def test_no_warning_when_the_rate_at_the_step_is_the_same():

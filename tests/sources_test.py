@@ -16,8 +16,14 @@ def test_samples_source_gives_crops_of_real_photos():
   batch = next(iter(pipeline.create_train_dataset(config, 0, 1)))
   assert batch["image"].shape == (8, 32, 32, 3)
   assert batch["image"].std() > 0.1  # Photographs, not flat colour.
-  held_out = sources.make_source(config, "eval")
-  assert "rocket" in repr(held_out) and "rocket" not in repr(sources.make_source(config, "train"))
+  held_out, train = sources.make_source(config, "eval"), sources.make_source(config, "train")
+  for photo in ("rocket", "motorcycle", "camera"):  # Three whole photographs held out.
+    assert photo in repr(held_out) and photo not in repr(train)
+  crops = [held_out[i] for i in range(3)]  # One crop of each, in turn: RGB uint8, grey included.
+  assert all(c.dtype == "uint8" and c.ndim == 3 and c.shape[2] == 3 for c in crops)
+  grey = [bool((c[..., 0] == c[..., 2]).all()) for c in crops]
+  assert grey == [False, False, True]  # The cameraman is grey; rocket and motorcycle are not.
+  assert set(sources.SAMPLE_TRAIN_PHOTOS).isdisjoint(sources.SAMPLE_EVAL_PHOTOS)
 
 
 def test_folder_source_is_compact_and_stable():

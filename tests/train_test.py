@@ -13,6 +13,7 @@ from conftest import REPO
 from conftest import tiny_config
 import feature_nets
 from vae_scale import checkpointing
+from vae_scale import eval_history
 from vae_scale import programs
 from vae_scale import sharding
 from vae_scale import train
@@ -62,6 +63,11 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
   assert (run / "images" / "reconstructions_00000000.png").exists()
   assert (run / "images" / "reconstructions_00000004.png").exists()
+  # The eval history spans both sessions, and the resumed run's last evaluation is the straight one's.
+  history = eval_history.read(run)
+  assert [r["step"] for r in history] == [0, 2, 4]
+  assert history[-1]["psnr"] == pytest.approx(eval_history.read(tmp_path / "a")[-1]["psnr"], abs=1e-5)
+  assert str(run / "images" / "reconstructions_00000004.png") in eval_history.summary(history)
 
   # The data position saved at step 2 (global examples consumed) continues with exactly the batch
   # an uninterrupted stream yields third.

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from vae_scale import checkpointing
 from vae_scale import config_lib
+from vae_scale import eval_history
 from vae_scale import evaluation
 from vae_scale import goodput
 from vae_scale import models
@@ -113,19 +114,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps, logdir=workdir,
                                           first_profile=start_step + config.log_every_steps))
 
-  def evaluate(step: int, write_images: bool) -> dict[str, float]:
+  def evaluate(step: int, write_images: bool) -> None:
     params = state.ema_params if state.ema_params is not None else state.params
     with watch.phase("eval"), record.phase("eval"), report.timed("eval"):
       result, grids = evaluator(params, eval_ds, pc)
     values = evaluation.scalars(result, "eval")
     writer.write_scalars(step, values)
+    grid = None
     if write_images:
       writer.write_images(step, {"eval/reconstructions": grids["reconstructions"][None]})
+      grid = epath.Path(workdir) / "images" / f"reconstructions_{step:08d}.png"
       if pi == 0:
-        evaluation.write_png(epath.Path(workdir) / "images" / f"reconstructions_{step:08d}.png",
-                  grids["reconstructions"])
+        evaluation.write_png(grid, grids["reconstructions"])
+    if pi == 0:
+      eval_history.append(workdir, step, result, grid)
     logging.info("Eval at step %d: %s, L1 %.4f", step, rfid.table_line(result), result["l1"])
-    return result
 
   def before_save(step: int) -> None:
     watch.phase_entered("save")
@@ -133,12 +136,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     record.flush()
 
   compiled: set[str] = set()
-  history: list[tuple[int, dict[str, float]]] = []
   train_metrics, last_log, skipped = None, (start_step, time.time()), 0
   max_bad = config.optimizer.max_consecutive_nonfinite
   with metric_writers.ensure_flushes(writer):
     if start_step == 0:
-      history.append((0, evaluate(0, write_images=True)))
+      evaluate(0, write_images=True)
     for step in range(start_step, config.num_train_steps):
       # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
       use_gan = progs.gan_step is not None and step >= config.disc.start_step
@@ -186,11 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(done, values)
         train_metrics, last_log = None, (done, time.time())
 
-      if done % config.eval_every_steps == 0 or last:
-        history.append((done, evaluate(done, write_images=done % config.image_every_steps == 0
-                                       or last)))
-      elif done % config.image_every_steps == 0:
-        evaluate(done, write_images=True)
+      if done % config.eval_every_steps == 0 or done % config.image_every_steps == 0 or last:
+        evaluate(done, write_images=done % config.image_every_steps == 0 or last)
 
       preempted = watch.requested() if pc == 1 else manager.reached_preemption(done)
       if preempted:
@@ -202,7 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     manager.wait_until_finished()
   manager.close()
   record.close()
-  logging.info("Finished at step %d. Eval history (step, PSNR dB): %s", config.num_train_steps,
-               [(s, round(v["psnr"], 2)) for s, v in history])
+  if pi == 0:
+    logging.info("Finished at step %d.\n%s", config.num_train_steps,
+                 eval_history.summary(eval_history.read(workdir)))
   logging.info("%s", record.summary())
   return state

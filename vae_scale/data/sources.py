@@ -18,10 +18,12 @@ from vae_scale import transforms
 from vae_scale.data import file_lists
 from vae_scale.errors import DataError
 
-# scikit-image's bundled colour photographs (no download). `rocket` is held out for evaluation.
+# scikit-image's bundled photographs (no download; the grey ones become grey RGB). The evaluation
+# holds out three whole photographs: two colour scenes and the grey cameraman.
 SAMPLE_TRAIN_PHOTOS = ("astronaut", "coffee", "chelsea", "hubble_deep_field",
-                       "immunohistochemistry", "retina")
-SAMPLE_EVAL_PHOTOS = ("rocket",)
+                       "immunohistochemistry", "retina", "coins", "moon", "brick", "grass",
+                       "gravel")
+SAMPLE_EVAL_PHOTOS = ("rocket", "motorcycle", "camera")
 
 
 class SyntheticSource:
@@ -57,8 +59,14 @@ class SyntheticSource:
 
 @functools.lru_cache(maxsize=None)
 def _sample_photo(name: str) -> np.ndarray:
+  """One of scikit-image's bundled photographs as uint8 RGB [H, W, 3] (read once per process)."""
   import skimage.data  # pylint: disable=g-import-not-at-top
-  return transforms.as_rgb_array(getattr(skimage.data, name)())
+  if name == "motorcycle":  # The left view of the stereo pair.
+    photo = transforms.as_rgb_array(skimage.data.stereo_motorcycle()[0])
+  else:
+    photo = transforms.as_rgb_array(getattr(skimage.data, name)())
+  photo.setflags(write=False)  # Shared by every crop taken from it.
+  return photo
 
 
 class SamplesSource:
