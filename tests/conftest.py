@@ -7,6 +7,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# One persistent compilation cache for the session, inherited by every process the tests start: the
+# many runs of the same tiny configs (resumes, preemption phases, several processes) compile each
+# program once. Cached executables are XLA's own output for the same program, bit for bit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vae_scale_test_jax_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # torchvision (imported by the lpips and pytorch-fid references) crashes the process when it is
 # imported after TensorFlow (which CLU and TFDS import): tensorflow-cpu 2.21 with torchvision 0.29.1.
 # Importing it first, once, for the whole session avoids that.
