@@ -135,6 +135,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     record.checkpoint_committed(step)
     record.flush()
 
+  if pc > 1:
+    # Tell JAX's preemption sync where this session starts: a notice that lands before the loop
+    # first asks (during the first step's evaluation) is then agreed for a step still ahead, not
+    # for step 1 of a run resumed at a later one (observed: the notice was lost, the run went on).
+    manager.reached_preemption(start_step)
   compiled: set[str] = set()
   train_metrics, last_log, skipped = None, (start_step, time.time()), 0
   max_bad = config.optimizer.max_consecutive_nonfinite
