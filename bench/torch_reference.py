@@ -130,7 +130,7 @@ class TrainStep:
     self.params = [p for p in self.model.parameters() if p.requires_grad]
     opt = config.optimizer
     self.optimizer = torch.optim.Adam(self.params, lr=opt.learning_rate, betas=(opt.b1, opt.b2),
-                                      eps=1e-8)
+                                      eps=1e-8, fused=device.type == "cuda")
     self.clip = opt.grad_clip_norm
     self.ema_decay = config.ema_decay
     self.ema = [p.detach().clone() for p in self.params] if self.ema_decay > 0 else None
@@ -277,6 +277,10 @@ def main(argv: Sequence[str]) -> int:
                         if fv.device == "auto" else fv.device)
   if fv.threads:
     torch.set_num_threads(fv.threads)
+  if device.type == "cuda":  # The peer at its best: cuDNN autotuning, and TF32 as XLA uses it
+    torch.backends.cudnn.benchmark = True  # for float32 at JAX's default precision.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
   report: dict[str, Any] = {
       "command": "python bench/torch_reference.py " + " ".join(argv),
       "device": (torch.cuda.get_device_name(device) if device.type == "cuda"

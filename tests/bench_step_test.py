@@ -54,6 +54,14 @@ def test_peak_table_knows_accelerators_and_not_cpus():
   assert bench_costs.peak_tflops("cpu", "bfloat16") is None
 
 
+def test_model_flops_fall_back_to_the_analytic_count_where_xla_leaves_out_the_convolutions():
+  analytic = 2.685e12
+  assert bench_costs.model_flops(2.656e12, analytic) == (2.656e12, "xla")  # CPU: XLA counts them.
+  # GPU (H100, ldm_f8): cuDNN convolutions are custom calls outside XLA's count (20 GFLOP/img).
+  assert bench_costs.model_flops(20.3e9, analytic) == (analytic, "analytic")
+  assert bench_costs.model_flops(None, analytic) == (analytic, "analytic")  # No cost analysis.
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -77,6 +85,7 @@ def test_main_reports_both_steps_with_xla_flops_near_the_analytic_count(bf16_rep
   # XLA's count adds normalization, activations, SSIM and the optimizer to 6 x conv MACs.
   assert 0.95 * analytic < ae["xla_flops_per_image"] < 1.6 * analytic
   assert ae["model_flops_per_image"] == ae["xla_flops_per_image"]  # No remat: nothing recomputed.
+  assert ae["model_flops_source"] == gan["model_flops_source"] == "xla"
   assert gan["xla_flops_per_image"] > ae["xla_flops_per_image"]  # Plus D forward/backward twice.
   for row in (ae, gan):
     assert row["finite"] and row["images_per_s_per_device"] > 0 and row["step_time_median_s"] > 0

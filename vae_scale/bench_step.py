@@ -82,8 +82,7 @@ def lower_step(config: ml_collections.ConfigDict, variant: str, global_batch: in
   progs = programs.build(config, mesh, with_disc=config.disc.enabled or variant == "gan")
   step = progs.gan_step if variant == "gan" else progs.ae_step
   size = config.image_size
-  images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32,
-                                sharding=progs.batch_sharding)
+  images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=progs.batch_sharding)
   lowered = step.lower(progs.abstract_state, {"image": images})
   return lowered, progs.init, progs.batch_sharding
 
@@ -110,9 +109,7 @@ def time_steps(program: StepProgram, config: ml_collections.ConfigDict, num_step
                ) -> tuple[list[float], float]:
   """Runs warm-up steps, then `num_steps` timed steps each ended by block_until_ready.
 
-  Returns:
-    (seconds per timed step, the last step's loss).
-  """
+  Returns (seconds per timed step, the last step's loss)."""
   state = program.init()
   batch = synthetic_batch(program, config.image_size, config.seed + 1)
   metrics = None
@@ -142,6 +139,8 @@ def benchmark_variant(config: ml_collections.ConfigDict, variant: str, *, batch_
     plain = config.copy_and_resolve_references()
     plain.model.remat = "none"
     model_flops_step = bench_costs.xla_flops(lower_step(plain, variant, batch_per_device * n, devices)[0])
+  model_flops_step, source = bench_costs.model_flops(model_flops_step, batch_per_device * (  # One device's.
+      bench_costs.analytic_train_flops_per_image(AutoencoderConfig.from_config(config))))
   memory = bench_costs.xla_memory(program.compiled)
   times, loss = time_steps(program, config, num_steps, warmup)
   median = statistics.median(times) if times else float("nan")
@@ -154,11 +153,11 @@ def benchmark_variant(config: ml_collections.ConfigDict, variant: str, *, batch_
       "images_per_s_per_device": batch_per_device / median,
       "images_per_s": batch_per_device * n / median,
       "xla_flops_per_image": per_image(flops_step),
-      "model_flops_per_image": per_image(model_flops_step),
+      "model_flops_per_image": per_image(model_flops_step), "model_flops_source": source,
       "achieved_tflops_per_device": (model_flops_step / median / 1e12) if model_flops_step else None,
       "peak_tflops_per_device": peak,
       "mfu": (model_flops_step / median / (peak * 1e12)) if model_flops_step and peak else None,
-      "hfu": (flops_step / median / (peak * 1e12)) if flops_step and peak else None,
+      "hfu": (flops_step / median / (peak * 1e12)) if source == "xla" and peak else None,
       "xla_memory_bytes": memory, "device_peak_bytes": bench_costs.device_peak_bytes(devices[0]),
       "final_loss": loss, "finite": math.isfinite(loss),
   }
