@@ -34,7 +34,8 @@ run() {
     echo "$name skipped (needs ${limit}s, ${left}s left)" | tee -a "$OUT/suite.txt"
     return
   fi
-  local t0=$(date +%s)
+  local t0
+  t0=$(date +%s)
   echo "== $name: $*" | tee -a "$OUT/suite.txt"
   timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?

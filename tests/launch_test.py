@@ -664,13 +664,15 @@ def test_pods_through_config_flags_like_main():
 
 # -- shellcheck (CI installs it: apt-get install -y shellcheck) ------------------------------------
 
-def test_shellcheck_launch_scripts():
+def test_shellcheck_launch_and_bench_scripts():
   shellcheck = shutil.which("shellcheck")
   if shellcheck is None:
     pytest.fail("shellcheck is not installed; install it (apt-get install -y shellcheck) - "
-                "launch/ must pass it")
-  scripts = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
-  assert {p.name for p in scripts} >= {"gcp.sh", "gpu_host.sh", "slurm.sbatch", "tpu_worker.sh"}
+                "launch/ and bench/ must pass it")
+  scripts = (sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
+             + sorted((REPO / "bench").glob("*.sh")))
+  assert {p.name for p in scripts} >= {"gcp.sh", "gpu_host.sh", "slurm.sbatch", "tpu_worker.sh",
+                                       "gpu_suite.sh"}
   result = subprocess.run([shellcheck, "--shell=bash", *map(str, scripts)], capture_output=True,
                           text=True, timeout=60, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
