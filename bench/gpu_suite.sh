@@ -45,7 +45,7 @@ run() {
 
 step() {  # step NAME LIMIT DTYPE BATCH ADVERSARIAL REMAT [extra flags]
   local name=$1 limit=$2 dtype=$3 batch=$4 adv=$5 remat=$6; shift 6
-  run "$name" "$limit" "$PY" -m vae_scale.bench_step $LDM --config.model.dtype="$dtype" \
+  run "$name" "$limit" "$PY" -m vae_scale.bench step $LDM --config.model.dtype="$dtype" \
       --config.model.remat="$remat" --batch_per_device="$batch" --num_devices=1 \
       --adversarial="$adv" --steps=20 --warmup=3 --json_out="$OUT/$name.json" "$@"
 }

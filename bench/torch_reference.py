@@ -15,7 +15,7 @@ under `torch.autocast` with float32 parameters, optimizer state and losses. Mode
 `compile` (`torch.compile` of the forward and loss; AOTAutograd compiles the backward; the optimizer
 step stays eager).
 
-With --jax=subprocess (the default) it first runs `python -m vae_scale.bench_step` on one device with
+With --jax=subprocess (the default) it first runs `python -m vae_scale.bench step` on one device with
 the same config, batch, steps and precision, in a child process (so the two frameworks never hold
 device memory at once), then prints images/s of each and the ratio vae_scale / PyTorch.
 """
@@ -81,7 +81,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0, filter_size: in
 def autoencoder_loss(x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor,
                      logvar: torch.Tensor, *, l1_weight: float, ssim_weight: float,
                      kl_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-  """vae_scale.losses.autoencoder_loss in torch: float32 NCHW images in [-1, 1], posterior moments.
+  """vae_scale.training.losses.autoencoder_loss in torch: float32 NCHW images in [-1, 1], posterior moments.
 
   loss = l1_weight * mean|x - recon| + ssim_weight * (1 - mean SSIM) + kl_weight * mean KL per
   latent element; SSIM on images mapped to [0, 1] without clipping the reconstruction.
@@ -206,12 +206,13 @@ def time_mode(config, mode: str, *, batch: int, num_steps: int, warmup: int,
 
 def run_vae_scale(config_args: Sequence[str], *, batch: int, num_steps: int, warmup: int,
                   device: str) -> dict[str, Any]:
-  """vae_scale.bench_step's autoencoder step on one device, in a child process; its JSON report."""
+  """`python -m vae_scale.bench step`'s autoencoder step on one device, in a child process; its
+  JSON report."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "jax.json")
-    cmd = [sys.executable, "-m", "vae_scale.bench_step", *config_args, f"--batch_per_device={batch}",
-           "--num_devices=1", "--adversarial=ae", f"--steps={num_steps}", f"--warmup={warmup}",
-           f"--json_out={out}"]
+    cmd = [sys.executable, "-m", "vae_scale.bench", "step", *config_args,
+           f"--batch_per_device={batch}", "--num_devices=1", "--adversarial=ae",
+           f"--steps={num_steps}", f"--warmup={warmup}", f"--json_out={out}"]
     env = dict(os.environ)
     if device == "cpu":
       env["JAX_PLATFORMS"] = "cpu"
@@ -220,7 +221,7 @@ def run_vae_scale(config_args: Sequence[str], *, batch: int, num_steps: int, war
     print(proc.stdout, end="", flush=True)
     if proc.returncode not in (0, 3):
       print(proc.stderr[-4000:], file=sys.stderr)
-      raise RuntimeError(f"vae_scale.bench_step exited with {proc.returncode}")
+      raise RuntimeError(f"vae_scale.bench step exited with {proc.returncode}")
     with open(out) as f:
       return json.load(f)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from vae_scale import programs
-from vae_scale import sharding
-from vae_scale import state_tree
+from vae_scale.training import programs
+from vae_scale.training import sharding
+from vae_scale.run import state_tree
 from vae_scale.data import pipeline
 
 
@@ -58,8 +58,8 @@ def test_accumulation_with_the_discriminator_trains_both_networks():
 
 
 def test_a_batch_that_does_not_split_into_micro_batches_is_one_line():
-  from vae_scale import config_lib  # pylint: disable=g-import-not-at-top
+  from vae_scale.config import schema  # pylint: disable=g-import-not-at-top
   from vae_scale.errors import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match=r"config.global_batch_size: 8 is not divisible by the 8 "
                      r"devices x 2 micro-batches .*use a multiple of 16"):
-    config_lib.validate(tiny_config(**{"optimizer.grad_accum_steps": 2}), num_devices=8)
+    schema.validate(tiny_config(**{"optimizer.grad_accum_steps": 2}), num_devices=8)

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from vae_scale import losses
-from vae_scale import sharding
-from vae_scale import train
+from vae_scale.training import losses
+from vae_scale.training import sharding
+from vae_scale.run import loop
 from vae_scale.models import DiscriminatorConfig
 from vae_scale.models import NLayerDiscriminator
 
@@ -92,11 +92,11 @@ def test_end_to_end_adversarial_run_trains_past_disc_start_and_resumes(tmp_path)
   config = _gan_config(**{"disc.start_step": 2, "num_train_steps": 4,
                           "checkpoint_every_steps": 2, "log_every_steps": 1})
   run = str(tmp_path / "gan")
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   half = _gan_config(**{"disc.start_step": 2, "num_train_steps": 3,
                         "checkpoint_every_steps": 3, "log_every_steps": 1})
-  train.train_and_evaluate(half, run)
-  resumed = train.train_and_evaluate(config, run)
+  loop.train_and_evaluate(half, run)
+  resumed = loop.train_and_evaluate(config, run)
   for a, b in ((straight.params, resumed.params), (straight.disc_params, resumed.disc_params),
                (straight.disc_stats, resumed.disc_stats), (straight.ema_params, resumed.ema_params)):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)

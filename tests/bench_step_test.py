@@ -14,9 +14,9 @@ from flax import nnx
 from conftest import REPO
 from conftest import load_config
 from conftest import tiny_config
-from vae_scale import bench_costs
-from vae_scale import bench_step
-from vae_scale import losses
+from vae_scale.tools import bench_costs
+from vae_scale.tools import bench_step
+from vae_scale.training import losses
 from vae_scale.interop import names
 from vae_scale.models import AutoencoderConfig
 from vae_scale.models import AutoencoderKL

@@ -2,7 +2,7 @@
 
 import json
 
-from vae_scale import bench
+from vae_scale.tools import bench
 
 
 def test_loader_benchmark_reports_every_setting(tmp_path, capsys):

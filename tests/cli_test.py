@@ -11,7 +11,7 @@ from conftest import REPO
 from conftest import tiny_config
 from vae_scale import cli
 from vae_scale import errors
-from vae_scale import train
+from vae_scale.run import loop
 
 
 def _tool(module, *args):
@@ -24,7 +24,7 @@ def _tool(module, *args):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(tiny_config(num_train_steps=2, ema_decay=0.9), workdir)
+  loop.train_and_evaluate(tiny_config(num_train_steps=2, ema_decay=0.9), workdir)
   return workdir
 
 

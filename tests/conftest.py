@@ -229,8 +229,8 @@ def assert_trees_equal(a, b):
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
   """A tiny 2-step run with EMA (checkpoint at step 2), shared by the evaluate and encode tests."""
-  from vae_scale import train  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import loop  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(tiny_config(num_train_steps=2, checkpoint_every_steps=2,
+  loop.train_and_evaluate(tiny_config(num_train_steps=2, checkpoint_every_steps=2,
                                        ema_decay=0.9), str(workdir))
   return str(workdir)

@@ -47,7 +47,8 @@ def test_command_line_converts_lpips_and_inception(tmp_path):
   import feature_nets  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import torch_convert  # pylint: disable=g-import-not-at-top
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   run = lambda *args: subprocess.run([sys.executable, "-m", "vae_scale.convert", *args], cwd=REPO,
                                      env=env, capture_output=True, text=True, timeout=300)
@@ -56,24 +57,24 @@ def test_command_line_converts_lpips_and_inception(tmp_path):
   torch.save(vgg, tmp_path / "vgg16.pth")
   out = tmp_path / "lpips_vgg.safetensors"
   res = run("lpips", f"--out={out}", f"--vgg={tmp_path / 'vgg16.pth'}",
-            f"--lin={torch_nets.default_lin_path()}")
+            f"--lin={torch_convert.default_lin_path()}")
   assert res.returncode == 0, res.stderr[-2000:]
   assert f"--config.loss.lpips_weights={out}" in res.stdout
-  lin = torch.load(torch_nets.default_lin_path(), map_location="cpu", weights_only=True)
-  want = torch_nets.lpips_params_from_torch({k: v.numpy() for k, v in vgg.items()},
+  lin = torch.load(torch_convert.default_lin_path(), map_location="cpu", weights_only=True)
+  want = torch_convert.lpips_params_from_torch({k: v.numpy() for k, v in vgg.items()},
                                             {k: v.numpy() for k, v in lin.items()})
-  got = torch_nets.load_lpips_params(str(out))
+  got = frozen_weights.load_lpips_params(str(out))
   assert sorted(got) == sorted(want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
 
   sd = feature_nets.inception_state_dict()
-  src = tmp_path / torch_nets.INCEPTION_FILE
+  src = tmp_path / frozen_weights.INCEPTION_FILE
   torch.save(sd, src)
   res = run("inception", f"--src={src}", f"--out={tmp_path / 'inception.safetensors'}")
   assert res.returncode == 0, res.stderr[-2000:]
   assert "--inception_weights=" in res.stdout
-  got = torch_nets.load_inception_params(str(tmp_path / "inception.safetensors"))
+  got = frozen_weights.load_inception_params(str(tmp_path / "inception.safetensors"))
   np.testing.assert_array_equal(got["Mixed_7c.branch_pool.bn.var"],
                                 sd["Mixed_7c.branch_pool.bn.running_var"].numpy())
 

@@ -52,7 +52,7 @@ class _FakeTpu:
 
 def test_rows_follow_the_mesh_even_where_it_interleaves_the_hosts():
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   # A v4-16 slice: a 2x2x2 torus of chips, 4 per host (host = z plane), listed host by host.
   chips = [(x, y, z) for z in range(2) for y in range(2) for x in range(2)]
@@ -79,7 +79,7 @@ def test_rows_follow_the_mesh_even_where_it_interleaves_the_hosts():
 
 def test_rows_of_a_process_by_process_mesh_are_contiguous():
   import jax  # pylint: disable=g-import-not-at-top
-  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.create_mesh()
   np.testing.assert_array_equal(sharding.process_rows(mesh, 16), np.arange(16))
   # 4 processes of 2 devices each, listed process by process: [2p*2, (2p+2)*2).
@@ -91,19 +91,19 @@ def test_rows_of_a_process_by_process_mesh_are_contiguous():
 
 
 def test_a_process_count_that_does_not_divide_the_batch_names_the_nearest_that_do():
-  from vae_scale import config_lib  # pylint: disable=g-import-not-at-top
+  from vae_scale.config import schema  # pylint: disable=g-import-not-at-top
   from vae_scale.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  config_lib.check_batch(24, num_devices=8, num_processes=4)
+  schema.check_batch(24, num_devices=8, num_processes=4)
   with pytest.raises(ConfigError, match=r"^config.global_batch_size: 20 is not divisible by the "
                      r"3 devices; use a multiple of 3 \(the nearest: 18 or 21\)$"):
-    config_lib.check_batch(20, num_devices=3, num_processes=3)
+    schema.check_batch(20, num_devices=3, num_processes=3)
   with pytest.raises(ConfigError, match=r"4 is not divisible by the 8 devices; use a multiple "
                      r"of 8 \(the nearest: 8\)$"):
-    config_lib.check_batch(4, num_devices=8)
+    schema.check_batch(4, num_devices=8)
   with pytest.raises(ConfigError, match=r"24 is not divisible by the 8 devices x 2 micro-batches "
                      r"\(optimizer.grad_accum_steps\); use a multiple of 16 \(the nearest: 16 or "
                      r"32\)$"):
-    config_lib.check_batch(24, num_devices=8, grad_accum_steps=2)
+    schema.check_batch(24, num_devices=8, grad_accum_steps=2)
 
 
 def _take(ds, n):
@@ -121,30 +121,34 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 sys.path.insert(0, {tests!r})
 import tiny_config  # Not conftest: it would ask for 8 devices.
-from vae_scale import checkpointing, programs, sharding, state_tree
 from vae_scale.data import pipeline
+from vae_scale.run import checkpoints
+from vae_scale.run import resume
+from vae_scale.run import state_tree
+from vae_scale.training import programs
+from vae_scale.training import sharding
 config = tiny_config.get_config()
 config.global_batch_size = 8
 assert jax.device_count() == 4, jax.devices()
 mesh = sharding.create_mesh()
 progs = programs.build(config, mesh)
-manager = checkpointing.create_manager({workdir!r}, config)
+manager = checkpoints.create_manager({workdir!r}, config)
 rows = sharding.process_rows(mesh, 8)
-r = checkpointing.restore_or_init(
-    manager, config=config, workdir={workdir!r}, abstract_state=progs.abstract_state,
-    init=progs.init, replicated=progs.replicated,
-    make_data_iter=lambda start: iter(pipeline.create_train_dataset(config, 0, 1, start=start,
-                                                                    rows=rows)))
+restored = resume.restore_latest(manager, config=config, workdir={workdir!r},
+                                 abstract_state=progs.abstract_state, replicated=progs.replicated)
 manager.close()
-stored, _ = checkpointing.read_state({workdir!r}, 3)
-leaves = jax.tree.leaves(r.state.params)
+state = resume.state_from(restored, progs.abstract_state, progs.init)
+position = resume.data_position(restored, config)
+data_iter = iter(pipeline.create_train_dataset(config, 0, 1, start=position.global_examples, rows=rows))
+stored, _ = checkpoints.read_state({workdir!r}, 3)
+leaves = jax.tree.leaves(state.params)
 assert all(len(x.sharding.device_set) == 4 for x in leaves)
-got, want = state_tree.flat(r.state.params), state_tree.flat(stored["params"])
+got, want = state_tree.flat(state.params), state_tree.flat(stored["params"])
 assert sorted(got) == sorted(want) and got
 for name, leaf in got.items():
   np.testing.assert_array_equal(np.asarray(leaf), want[name], err_msg=name)
-json.dump({{"step": r.step, "examples": r.data_position.at(r.step),
-           "first": next(r.data_iter)["image"].tolist()}}, open({out!r}, "w"))
+json.dump({{"step": position.step, "examples": position.at(position.step),
+           "first": next(data_iter)["image"].tolist()}}, open({out!r}, "w"))
 """
 
 
@@ -152,9 +156,9 @@ json.dump({{"step": r.step, "examples": r.data_position.at(r.step),
 def test_a_checkpoint_of_8_devices_restores_on_4(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from vae_scale import checkpointing  # pylint: disable=g-import-not-at-top
-  from vae_scale import programs  # pylint: disable=g-import-not-at-top
-  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import checkpoints  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import programs  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   from vae_scale.data import sampler  # pylint: disable=g-import-not-at-top
   config = tiny_config(global_batch_size=8)
@@ -164,8 +168,8 @@ def test_a_checkpoint_of_8_devices_restores_on_4(tmp_path):
   # Parameters unlike a fresh init's, so the restore cannot pass by re-initialising.
   state = state.replace(params=jax.tree.map(lambda x: x + 0.25, state.params))
   workdir = str(tmp_path / "run")
-  manager = checkpointing.create_manager(workdir, config)
-  checkpointing.save(manager, 3, state, sampler.DataPosition(0, 0, 8), config)
+  manager = checkpoints.create_manager(workdir, config)
+  checkpoints.save(manager, 3, state, sampler.DataPosition(0, 0, 8), config)
   manager.wait_until_finished()
   manager.close()
   out = tmp_path / "restored.json"
@@ -187,11 +191,12 @@ def test_a_checkpoint_with_grain_iterator_states_resumes_at_step_times_batch(tmp
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from vae_scale import checkpointing  # pylint: disable=g-import-not-at-top
-  from vae_scale import programs  # pylint: disable=g-import-not-at-top
-  from vae_scale import reconcile  # pylint: disable=g-import-not-at-top
-  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
-  from vae_scale import state_tree  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import checkpoints  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import programs  # pylint: disable=g-import-not-at-top
+  from vae_scale.config import serialize  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import state_tree  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import resume  # pylint: disable=g-import-not-at-top
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   from vae_scale.data import sampler  # pylint: disable=g-import-not-at-top
   config = tiny_config(global_batch_size=8)
@@ -202,33 +207,34 @@ def test_a_checkpoint_with_grain_iterator_states_resumes_at_step_times_batch(tmp
   # What vae_scale wrote before elastic data: Grain's iterator state in the data item.
   old = iter(grain.MapDataset.range(10).to_iter_dataset())
   next(old)
-  manager = checkpointing.create_manager(workdir, config)
+  manager = checkpoints.create_manager(workdir, config)
   manager.save(2, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(state),
       data=grain.checkpoint.CheckpointSave(old),
-      config=ocp.args.JsonSave(json.loads(reconcile.config_to_json(config)))))
+      config=ocp.args.JsonSave(json.loads(serialize.to_json(config)))))
   manager.wait_until_finished()
   manager.close()
   assert os.path.exists(os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json"))
-  manager = checkpointing.create_manager(workdir, config)
+  manager = checkpoints.create_manager(workdir, config)
   with caplog.at_level("WARNING"):
-    r = checkpointing.restore_or_init(
-        manager, config=config, workdir=workdir, abstract_state=progs.abstract_state,
-        init=progs.init, replicated=progs.replicated,
-        make_data_iter=lambda start: iter(pipeline.create_train_dataset(config, 0, 1,
-                                                                        start=start)))
+    restored = resume.restore_latest(manager, config=config, workdir=workdir,
+                                     abstract_state=progs.abstract_state,
+                                     replicated=progs.replicated)
+  state_back = resume.state_from(restored, progs.abstract_state, progs.init)
+  position = resume.data_position(restored, config)
+  data_iter = iter(pipeline.create_train_dataset(config, 0, 1, start=position.global_examples))
   warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
   assert len(warnings) == 1 and "Grain's iterator states of 1 process" in warnings[0], warnings
-  assert r.step == 2 and r.data_position.at(2) == 16 and not os.path.exists(
+  assert position.step == 2 and position.at(2) == 16 and not os.path.exists(
       os.path.join(workdir, "checkpoints_damaged"))
   np.testing.assert_array_equal(
-      next(r.data_iter)["image"],
+      next(data_iter)["image"],
       _take(pipeline.create_train_dataset(config, 0, 1), 3)[2]["image"])
-  got, want = state_tree.flat(r.state.params), state_tree.flat(state.params)
+  got, want = state_tree.flat(state_back.params), state_tree.flat(state.params)
   for name, leaf in got.items():
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[name]), err_msg=name)
   # The next checkpoint of the same manager is in the new format.
-  checkpointing.save(manager, 3, r.state, r.data_position, config)
+  checkpoints.save(manager, 3, state_back, position, config)
   manager.wait_until_finished()
   manager.close()
   record = json.loads(open(os.path.join(workdir, "checkpoints", "3", "data", "metadata")).read())
@@ -242,7 +248,7 @@ def _run(workdir, num_processes, devices_per_process, num_steps, record, cache_d
          timeout=300):
   """One run of the real trainer (this file as a script) on num_processes x devices_per_process;
   returns the launcher's exit code."""
-  from vae_scale import local_launch  # pylint: disable=g-import-not-at-top
+  from vae_scale.tools import local_launch  # pylint: disable=g-import-not-at-top
   env = local_launch.process_env(devices_per_process)
   env.update({RECORD_ENV: record, "JAX_COMPILATION_CACHE_DIR": cache_dir,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -286,7 +292,7 @@ def _log_tail(record, num_processes):
 @pytest.mark.multiprocess
 def test_a_run_saved_by_2_processes_resumes_on_1_then_4_processes(tmp_path):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from vae_scale import checkpointing  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import checkpoints  # pylint: disable=g-import-not-at-top
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   cache = str(tmp_path / "jax_cache")  # The 1-process runs compile the same programs.
   straight, elastic = str(tmp_path / "straight"), str(tmp_path / "elastic")
@@ -313,8 +319,8 @@ def test_a_run_saved_by_2_processes_resumes_on_1_then_4_processes(tmp_path):
       assert consumed[s] == expected, f"straight run, step {s}"
       assert consumed[f"{name}{s}"] == expected, f"segment {name}, step {s}"
   # The parameters agree up to the reduction order of the device counts.
-  a, _ = checkpointing.read_state(straight, NUM_STEPS, keys=("params",))
-  b, _ = checkpointing.read_state(elastic, NUM_STEPS, keys=("params",))
+  a, _ = checkpoints.read_state(straight, NUM_STEPS, keys=("params",))
+  b, _ = checkpoints.read_state(elastic, NUM_STEPS, keys=("params",))
   worst, key_bias = _param_differences(a["params"], b["params"])
   print(f"worst relative parameter difference {worst:.3g}; attention key biases differ by up to "
         f"{key_bias:.3g}")
@@ -326,7 +332,7 @@ def test_a_run_saved_by_2_processes_resumes_on_1_then_4_processes(tmp_path):
 
 def _param_differences(a, b):
   """(worst max|a - b| / max|a| over the arrays, worst max|a - b| of the attention key biases)."""
-  from vae_scale import state_tree  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import state_tree  # pylint: disable=g-import-not-at-top
   fa, fb = state_tree.flat(a), state_tree.flat(b)
   assert sorted(fa) == sorted(fb)
   worst = key_bias = 0.0
@@ -347,7 +353,7 @@ def _record_global_batches(path: str) -> None:
   """Wraps `sharding.global_batch` (what the train loop calls each step) to append, per step, a
   digest of every global row this process's devices received."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top
   real = sharding.global_batch
 
   def recording(local_batch, mesh):
@@ -368,7 +374,7 @@ def _record_global_batches(path: str) -> None:
 
 def _trainer() -> None:
   """`python -m vae_scale.main` with `_record_global_batches` installed."""
-  from vae_scale import preemption  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import preemption  # pylint: disable=g-import-not-at-top
   watch = preemption.Watch().install()
   from absl import flags  # pylint: disable=g-import-not-at-top
   from vae_scale import cli  # pylint: disable=g-import-not-at-top

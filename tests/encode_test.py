@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from vae_scale import checkpointing
-from vae_scale import encode
+from vae_scale.run import checkpoints
+from vae_scale.tools import encode
 from vae_scale import models
-from vae_scale import transforms
+from vae_scale.data import transforms
 from vae_scale.data import sources
 from vae_scale.errors import ConfigError
 from vae_scale.models import AutoencoderConfig
@@ -52,7 +52,7 @@ def test_encode_writes_shards_and_metadata_that_read_back(run_dir, tmp_path):
   np.testing.assert_allclose(meta["latent_std_per_channel"], z64.std(axis=(0, 1, 2)), rtol=1e-6)
 
   # The latents are the posterior means of the center crops, in source order.
-  params, _, _ = checkpointing.read_params(run_dir, AutoencoderConfig.from_config(config))
+  params, _, _ = checkpoints.read_params(run_dir, AutoencoderConfig.from_config(config))
   model = _model(config, params)
   source = sources.make_source(config, "train")
   x = np.stack([transforms.eval_view(source[i], config.image_size) for i in range(64)])

@@ -17,10 +17,10 @@ from tensorboard.util import tensor_util
 
 from conftest import REPO
 from conftest import tiny_config
-from vae_scale import checkpointing
+from vae_scale.run import checkpoints
 from vae_scale import models
-from vae_scale import encode
-from vae_scale import evaluate
+from vae_scale.tools import encode
+from vae_scale.tools import evaluate
 from vae_scale.data import pipeline
 from vae_scale.errors import ConversionError
 from vae_scale.interop import safetensors_io
@@ -62,7 +62,7 @@ def test_evaluate_writes_json_tensorboard_and_grids_that_match_the_model(run_dir
   assert json.loads((tmp_path / "eval" / "eval_00000002.json").read_text()) == result
 
   # The same numbers, computed directly from the EMA weights on the same center crops.
-  params, _, which = checkpointing.read_params(run_dir, AutoencoderConfig.from_config(config))
+  params, _, which = checkpoints.read_params(run_dir, AutoencoderConfig.from_config(config))
   assert which == "ema"
   ds = pipeline.create_eval_dataset(config, 0, 1)
   x = np.stack([ds[i]["image"] for i in range(8)])
@@ -161,9 +161,9 @@ def _evaluate_cli(tmp_path, *flags):
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 def test_command_line_reports_rfid_and_lpips_and_refuses_a_wrong_inception_file(tmp_path):
   import feature_nets  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
   wrong = feature_nets.tagged_file(tmp_path / "lpips_not_inception.safetensors",
-                                   torch_nets.LPIPS_NET)
+                                   frozen_weights.LPIPS_NET)
   res = _evaluate_cli(tmp_path, f"--inception_weights={wrong}")
   assert res.returncode == 2, res.stderr[-3000:]
   errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]

@@ -17,10 +17,10 @@ import pytest
 
 from conftest import REPO
 from conftest import tiny_config
-from vae_scale import checkpointing
+from vae_scale.run import checkpoints
 from vae_scale.data import pipeline
-from vae_scale import local_launch
-from vae_scale import train
+from vae_scale.tools import local_launch
+from vae_scale.run import loop
 from vae_scale.errors import NonFiniteError
 
 NUM_STEPS = 24
@@ -65,7 +65,7 @@ def _wait_for_checkpoint(workdir, step, procs, timeout=180):
 
 
 def _params(workdir, step=None):
-  state, got = checkpointing.read_state(workdir, step)
+  state, got = checkpoints.read_state(workdir, step)
   return state["params"], state["opt_state"], got
 
 
@@ -154,8 +154,8 @@ def test_launcher_stops_the_others_when_one_process_fails():
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
   workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir)
-  good, _ = checkpointing.read_state(workdir, 2)
+  loop.train_and_evaluate(config, workdir)
+  good, _ = checkpoints.read_state(workdir, 2)
   # Damage the committed checkpoint 4: remove its array data.
   state_dir = os.path.join(workdir, "checkpoints", "4", "state")
   for name in os.listdir(state_dir):
@@ -164,12 +164,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
   config6 = tiny_config(num_train_steps=6, checkpoint_every_steps=2)
   with caplog.at_level("WARNING"):
-    state = train.train_and_evaluate(config6, workdir)
+    state = loop.train_and_evaluate(config6, workdir)
   assert any("step 4 is damaged" in r.getMessage() for r in caplog.records)
   assert int(state.step) == 6
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))[0].startswith("4-")
   # It resumed from step 2: the result equals an uninterrupted 6-step run.
-  straight = train.train_and_evaluate(config6, str(tmp_path / "straight"))
+  straight = loop.train_and_evaluate(config6, str(tmp_path / "straight"))
   _assert_same(jax.tree.map(np.asarray, straight.params), jax.tree.map(np.asarray, state.params))
   del good
 
@@ -211,10 +211,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
   monkeypatch.setattr(pipeline, "create_train_dataset",
                       lambda *a, **k: _Dataset(real(*a, **k)))
   with pytest.raises(NonFiniteError, match="3 consecutive steps up to step 7"):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   # Checkpoint 6 was saved during the skipped steps: its parameters are those of step 4, intact.
-  at4, _ = checkpointing.read_state(str(tmp_path), 4)
-  at6, _ = checkpointing.read_state(str(tmp_path), 6)
+  at4, _ = checkpoints.read_state(str(tmp_path), 4)
+  at6, _ = checkpoints.read_state(str(tmp_path), 6)
   _assert_same(at4["params"], at6["params"])
   for leaf in jax.tree.leaves(at6["params"]):
     assert np.isfinite(leaf).all()
@@ -251,7 +251,7 @@ def test_sigterm_in_every_phase_under_the_launcher_exits_42_and_resumes_exactly(
   assert _launch(workdir, "restore") == 42 and ckpts()[-1] == saved
   assert _launch(workdir, "eval:1") == 42 and ckpts()[-1] >= 8, ckpts()
   at = ckpts()[-1]
-  assert _launch(workdir, "save:1") == 42 and ckpts()[-1] > at, ckpts()
+  assert _launch(workdir, "checkpoint:1") == 42 and ckpts()[-1] > at, ckpts()
   assert _launch(workdir) == 0
   params, opt, step = _params(workdir)
   assert step == NUM_STEPS

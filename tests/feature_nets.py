@@ -53,13 +53,13 @@ def lpips_files(net, directory) -> tuple[str, str]:
   """Writes `net`'s VGG as a torchvision-named `vgg16.pth` and converts it with the package's lin
   weights into `lpips_vgg.safetensors`; returns (safetensors path, vgg .pth path)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import torch_convert  # pylint: disable=g-import-not-at-top
   vgg = {"features." + k.split(".", 1)[1]: v for k, v in net.net.state_dict().items()}
   assert len(vgg) == 26
   vgg_path = os.path.join(directory, "vgg16.pth")
   torch.save(vgg, vgg_path)
   out = os.path.join(directory, "lpips_vgg.safetensors")
-  torch_nets.convert_lpips(out, vgg_path=vgg_path, lin_path=torch_nets.default_lin_path())
+  torch_convert.convert_lpips(out, vgg_path=vgg_path, lin_path=torch_convert.default_lin_path())
   return out, vgg_path
 
 
@@ -107,18 +107,19 @@ def inception_files(state_dict, directory) -> tuple[str, str]:
   """Saves `state_dict` as pt_inception-2015-12-05-6726825d.pth and converts it into
   `inception.safetensors`; returns (safetensors path, .pth path)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
-  src = os.path.join(directory, torch_nets.INCEPTION_FILE)
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import torch_convert  # pylint: disable=g-import-not-at-top
+  src = os.path.join(directory, frozen_weights.INCEPTION_FILE)
   torch.save(state_dict, src)
   out = os.path.join(directory, "inception.safetensors")
-  torch_nets.convert_inception(src, out)
+  torch_convert.convert_inception(src, out)
   return out, src
 
 
 def tagged_file(path, net: str) -> str:
   """A small safetensors file tagged as network `net` (a weights file of the wrong network)."""
   from vae_scale.interop import safetensors_io  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
   safetensors_io.write_safetensors({"a": np.zeros(2, np.float32)}, str(path),
-                                   metadata={torch_nets.NET_KEY: net})
+                                   metadata={frozen_weights.NET_KEY: net})
   return str(path)

@@ -2,11 +2,13 @@
 
 import logging
 
+import jax
 import numpy as np
 import pytest
 from pytorch_fid import fid_score
 
-from vae_scale import fid
+from vae_scale.eval import fid
+from vae_scale.training import sharding
 
 
 def _features(seed: int, n: int, d: int, shift: float = 0.0) -> np.ndarray:
@@ -88,3 +90,31 @@ def test_large_imaginary_component_is_an_error():
     fid_score.calculate_frechet_distance(np.zeros(2), sigma, np.zeros(2), np.eye(2))
   with pytest.raises(ValueError, match="Imaginary component"):
     fid.frechet_distance(np.zeros(2), sigma, np.zeros(2), np.eye(2))
+
+
+# --------------------------------------------------------------------------- across hosts
+
+
+def test_allgather_stats_is_bit_exact():
+  rng = np.random.default_rng(0)
+  stats = fid.FeatureStats(6).add(rng.normal(size=(9, 6)) * 1e3 + 1e-9)
+  out = fid.allgather_stats(stats)  # One process: the gather of itself.
+  assert out.count == 9
+  np.testing.assert_array_equal(out.total, stats.total)
+  np.testing.assert_array_equal(out.outer, stats.outer)
+
+
+def test_local_rows_are_this_process_rows_in_order():
+  mesh = sharding.create_mesh()
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  arr = jax.device_put(x, sharding.batch_sharding(mesh))
+  assert len(arr.addressable_shards) == 8
+  np.testing.assert_array_equal(fid.local_rows(arr), x)
+
+
+def test_padding_is_left_out_of_the_statistics():
+  acc = fid.RFID(dim=3)
+  real = np.arange(12, dtype=np.float64).reshape(4, 3)
+  acc.add(real, real + 1, np.array([1, 0, 1, 0], np.float32))
+  assert acc.real.count == acc.fake.count == 2
+  np.testing.assert_array_equal(acc.real.total, real[[0, 2]].sum(0))

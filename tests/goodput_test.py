@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vae_scale import goodput
+from vae_scale.run import goodput
 
 
 class Clock:

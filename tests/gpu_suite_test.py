@@ -25,7 +25,7 @@ def test_parts_run_the_step_and_the_peer_with_the_same_precision_and_batch(tmp_p
   assert proc.returncode == 0, proc.stderr
   assert len(calls) == 5  # bf16: step, peer, peer NCHW; f32: step, peer.
   step, peer = calls[0], calls[1]
-  assert step.startswith("-m vae_scale.bench_step --config=configs/ldm_f8.py")
+  assert step.startswith("-m vae_scale.bench step --config=configs/ldm_f8.py")
   for flag in ("--config.model.dtype=bfloat16", "--batch_per_device=8", "--adversarial=both",
                f"--json_out={out}/bf16_b8.json"):
     assert flag in step

@@ -10,7 +10,8 @@ from flax import nnx
 
 import feature_nets
 from vae_scale.errors import ConversionError
-from vae_scale.interop import torch_nets
+from vae_scale.models import frozen_weights
+from vae_scale.interop import torch_convert
 from vae_scale.models import inception
 from vae_scale.models.lpips import merge_params
 
@@ -35,7 +36,7 @@ def files(state_dict, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def params(files):
-  return torch_nets.load_inception_params(files[0])
+  return frozen_weights.load_inception_params(files[0])
 
 
 @pytest.mark.parametrize("size", [(256, 256), (512, 512), (64, 64), (200, 300), (299, 299)])
@@ -111,22 +112,22 @@ def test_refuses_other_files(files, state_dict, tmp_path):
   _, src = files
   command = ("python -m vae_scale.convert inception --src=pt_inception-2015-12-05-6726825d.pth "
              "--out=")
-  msg = _one_line_error(torch_nets.load_inception_params, src)
+  msg = _one_line_error(frozen_weights.load_inception_params, src)
   assert src in msg and "pickle" in msg and command in msg
   missing = str(tmp_path / "missing.safetensors")
-  assert command + missing in _one_line_error(torch_nets.load_inception_params, missing)
+  assert command + missing in _one_line_error(frozen_weights.load_inception_params, missing)
   # torchvision's ImageNet Inception has the same layer names but 1000 classes and AuxLogits.
   torch.save({"fc.weight": torch.zeros(1000, 2048), "AuxLogits.fc.weight": torch.zeros(1000, 768)},
              tmp_path / "inception_v3_google.pth")
-  msg = _one_line_error(torch_nets.convert_inception, str(tmp_path / "inception_v3_google.pth"),
+  msg = _one_line_error(torch_convert.convert_inception, str(tmp_path / "inception_v3_google.pth"),
                         str(tmp_path / "x.safetensors"))
   assert "torchvision" in msg and "pt_inception-2015-12-05-6726825d.pth" in msg
   torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "partial.pth")
-  msg = _one_line_error(torch_nets.convert_inception, str(tmp_path / "partial.pth"),
+  msg = _one_line_error(torch_convert.convert_inception, str(tmp_path / "partial.pth"),
                         str(tmp_path / "x.safetensors"))
   assert "missing" in msg and "Conv2d_1a_3x3.conv.weight" in msg
   assert not (tmp_path / "x.safetensors").exists()
   sd = {k: v.numpy() for k, v in state_dict.items()}
   sd["Mixed_6c.branch7x7_2.conv.weight"] = sd["Mixed_6c.branch7x7_2.conv.weight"].transpose(0, 1, 3, 2)
-  msg = _one_line_error(torch_nets.inception_params_from_torch, sd, "SRC")
+  msg = _one_line_error(torch_convert.inception_params_from_torch, sd, "SRC")
   assert "Mixed_6c.branch7x7_2.conv.weight (160, 160, 7, 1) (expected (160, 160, 1, 7))" in msg

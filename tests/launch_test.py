@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from conftest import REPO, load_config
-from vae_scale import config_lib
+from vae_scale.config import schema
 
 # Every test here starts processes (launcher scripts, stub programs): marked slow as a module.
 pytestmark = pytest.mark.slow
@@ -620,7 +620,7 @@ SLICES = {"2xv5e-256": 2}  # Multislice variants: slices over DCN; the others ar
 def test_pod_variants_split_evenly_and_scale_the_learning_rate(variant):
   config = load_config("pods", variant)
   config.data.path = "gs://bucket/images"  # Like ldm_f8, the variants have no dataset path.
-  config_lib.validate(config, num_devices=DEVICES[variant])  # Includes the even split.
+  schema.validate(config, num_devices=DEVICES[variant])  # Includes the even split.
   assert config.global_batch_size % DEVICES[variant] == 0
   assert config.global_batch_size % PROCESSES[variant] == 0  # Equal per-host batches.
   assert config.optimizer.learning_rate == pytest.approx(4.5e-6 * config.global_batch_size)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO
-from vae_scale import local_launch
+from vae_scale.tools import local_launch
 
 # Every test here starts processes (launcher scripts, stub programs): marked slow as a module.
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import skimage.filters
 import skimage.metrics
 import skimage.transform
 
-from vae_scale import losses
+from vae_scale.training import losses
 from vae_scale.models import DiagonalGaussian
 
 
@@ -118,10 +118,10 @@ def test_l2_matches_numpy():
 def lpips_reference(tmp_path_factory):
   """(JAX LPIPS params, the lpips package's torch module holding the same weights)."""
   import feature_nets  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
   net = feature_nets.torch_lpips()
   path, _ = feature_nets.lpips_files(net, str(tmp_path_factory.mktemp("lpips")))
-  return torch_nets.load_lpips_params(path), net
+  return frozen_weights.load_lpips_params(path), net
 
 
 @pytest.fixture(scope="module")

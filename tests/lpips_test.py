@@ -12,7 +12,8 @@ from flax import nnx
 import feature_nets
 from vae_scale.errors import ConversionError
 from vae_scale.interop import safetensors_io
-from vae_scale.interop import torch_nets
+from vae_scale.models import frozen_weights
+from vae_scale.interop import torch_convert
 from vae_scale.models import lpips
 
 SIZE = 64
@@ -46,7 +47,7 @@ def files(torch_lpips, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def params(files):
-  return torch_nets.load_lpips_params(files[0])
+  return frozen_weights.load_lpips_params(files[0])
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -138,7 +139,7 @@ def test_params_layout(params):
   assert params["conv1_1.kernel"].shape == (3, 3, 3, 64)
   assert params["conv5_3.kernel"].shape == (3, 3, 512, 512)
   assert params["lin4.kernel"].shape == (1, 1, 512, 1)
-  lin = torch.load(torch_nets.default_lin_path(), map_location="cpu", weights_only=True)
+  lin = torch.load(torch_convert.default_lin_path(), map_location="cpu", weights_only=True)
   np.testing.assert_array_equal(params["lin2.kernel"][0, 0, :, 0],
                                 lin["lin2.model.1.weight"].numpy().reshape(-1))
   # A jitted loss takes the params as an argument (frozen pytree), not as module state.
@@ -160,36 +161,36 @@ def test_refuses_other_files(files, tmp_path):
   good, vgg_pth = files
   wrong = tmp_path / "inception.safetensors"
   safetensors_io.write_safetensors({"a": np.zeros(2, np.float32)}, str(wrong),
-                                   metadata={"vae_scale_net": torch_nets.INCEPTION_NET})
+                                   metadata={"vae_scale_net": frozen_weights.INCEPTION_NET})
   untagged = tmp_path / "untagged.safetensors"
-  safetensors_io.write_safetensors(torch_nets.load_lpips_params(good), str(untagged))
+  safetensors_io.write_safetensors(frozen_weights.load_lpips_params(good), str(untagged))
   for path in (wrong, untagged):
-    msg = _one_line_error(torch_nets.load_lpips_params, str(path))
+    msg = _one_line_error(frozen_weights.load_lpips_params, str(path))
     assert str(path) in msg
     assert f"python -m vae_scale.convert lpips --out={path}" in msg
-  assert "pytorch_fid_inception" in _one_line_error(torch_nets.load_lpips_params, str(wrong))
+  assert "pytorch_fid_inception" in _one_line_error(frozen_weights.load_lpips_params, str(wrong))
   for path in (vgg_pth, str(tmp_path / "missing.safetensors")):
-    msg = _one_line_error(torch_nets.load_lpips_params, path)
+    msg = _one_line_error(frozen_weights.load_lpips_params, path)
     assert path in msg and "python -m vae_scale.convert lpips --out=" in msg
-  assert "pickle" in _one_line_error(torch_nets.load_lpips_params, vgg_pth)
+  assert "pickle" in _one_line_error(frozen_weights.load_lpips_params, vgg_pth)
   # The Inception loader refuses the LPIPS file the same way.
-  msg = _one_line_error(torch_nets.load_inception_params, good)
+  msg = _one_line_error(frozen_weights.load_inception_params, good)
   assert good in msg and "python -m vae_scale.convert inception --src=" in msg
 
 
 def test_convert_refuses_wrong_sources(files, tmp_path):
   _, vgg_pth = files
-  lin = torch_nets.default_lin_path()
+  lin = torch_convert.default_lin_path()
   out = str(tmp_path / "x.safetensors")
-  msg = _one_line_error(torch_nets.convert_lpips, out, lin, lin)  # lin weights passed as VGG.
+  msg = _one_line_error(torch_convert.convert_lpips, out, lin, lin)  # lin weights passed as VGG.
   assert lin in msg and "features.0.weight" in msg
-  msg = _one_line_error(torch_nets.convert_lpips, out, vgg_pth, vgg_pth)  # VGG passed as lin.
+  msg = _one_line_error(torch_convert.convert_lpips, out, vgg_pth, vgg_pth)  # VGG passed as lin.
   assert "lin0.model.1.weight" in msg
-  msg = _one_line_error(torch_nets.convert_lpips, out, str(tmp_path / "nope.pth"), lin)
+  msg = _one_line_error(torch_convert.convert_lpips, out, str(tmp_path / "nope.pth"), lin)
   assert "nope.pth does not exist" in msg and "IMAGENET1K_V1" in msg
   bad = tmp_path / "evil.pth"
   torch.save({"obj": _Unsafe()}, bad)  # Not loadable with weights_only=True.
-  msg = _one_line_error(torch_nets.convert_lpips, out, str(bad), lin)
+  msg = _one_line_error(torch_convert.convert_lpips, out, str(bad), lin)
   assert "weights_only=True" in msg
   assert not (tmp_path / "x.safetensors").exists()
 

@@ -4,7 +4,7 @@ import jax
 
 from conftest import random_params
 from conftest import small_autoencoder_config
-from vae_scale import optim
+from vae_scale.training import optim
 
 
 def test_trainable_mask_freezes_the_encoder_side():

@@ -49,7 +49,7 @@ def _worker(process_id: int, port: int, folder: str, workdir: str, out: str) -> 
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id, initialization_timeout=TIMEOUT_S)
   flags.FLAGS.mark_as_parsed()
-  from vae_scale import sharding  # pylint: disable=g-import-not-at-top
+  from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top
   from vae_scale.data import pipeline  # pylint: disable=g-import-not-at-top
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("demo", os.path.join(repo, "configs", "demo.py"))

@@ -14,7 +14,7 @@ from conftest import good_image_files
 from conftest import take
 from conftest import tiny_config
 from conftest import write_files
-from vae_scale import transforms
+from vae_scale.data import transforms
 from vae_scale.data import file_lists
 from vae_scale.data import pipeline
 from vae_scale.data import sampler

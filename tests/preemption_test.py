@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from vae_scale import checkpointing
-from vae_scale import preemption
+from vae_scale.run import checkpoints
+from vae_scale.run import preemption
 
 NUM_STEPS = 16
 FLAGS = [f"--config={REPO / 'tests' / 'tiny_config.py'}", f"--config.num_train_steps={NUM_STEPS}",
@@ -53,7 +53,7 @@ def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
   res = _main(workdir)
   assert res.returncode == 0, res.stderr[-3000:]
-  return checkpointing.read_state(workdir)[0]
+  return checkpoints.read_state(workdir)[0]
 
 
 @pytest.mark.slow
@@ -77,11 +77,11 @@ def test_sigterm_in_every_phase_exits_42_and_the_reruns_match_an_uninterrupted_r
   # During an evaluation (at step 8) and during a save (at 12): finish it, save, exit 42.
   res = _main(workdir, "eval:1")
   assert res.returncode == 42 and _steps(workdir)[-1] == 8, (_steps(workdir), res.stderr[-2000:])
-  res = _main(workdir, "save:1")
+  res = _main(workdir, "checkpoint:1")
   assert res.returncode == 42 and _steps(workdir)[-2:] == [12, 13], _steps(workdir)
   res = _main(workdir)
   assert res.returncode == 0, res.stderr[-3000:]
-  final = checkpointing.read_state(workdir)[0]
+  final = checkpoints.read_state(workdir)[0]
   assert int(final["step"]) == NUM_STEPS
   jax.tree.map(np.testing.assert_array_equal, uninterrupted["params"], final["params"])
   jax.tree.map(np.testing.assert_array_equal, uninterrupted["opt_state"], final["opt_state"])
@@ -90,7 +90,7 @@ def test_sigterm_in_every_phase_exits_42_and_the_reruns_match_an_uninterrupted_r
 @pytest.mark.slow
 def test_sigterm_while_the_main_thread_is_inside_native_code_exits_at_once():
   """The watcher thread acts on the wakeup pipe even while Python code can't run (a compile)."""
-  code = ("from vae_scale import preemption; w = preemption.Watch().install(); "
+  code = ("from vae_scale.run import preemption; w = preemption.Watch().install(); "
           "import time; print('ready', flush=True); time.sleep(60)")
   proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, cwd=REPO)

@@ -9,13 +9,14 @@ import pytest
 
 from conftest import load_config
 from conftest import with_overrides
-from vae_scale import reconcile
+from vae_scale.config import serialize
+from vae_scale.run import reconcile
 from vae_scale.errors import ConfigError
 
 
 def _stored(name: str = "ldm_f8", **overrides) -> dict:
   """A config as the checkpoint stores it: through JSON and back."""
-  return reconcile.config_from_json(reconcile.config_to_json(_config(name, **overrides)))
+  return serialize.from_json(serialize.to_json(_config(name, **overrides)))
 
 
 def _config(name: str = "ldm_f8", **overrides) -> ml_collections.ConfigDict:
@@ -29,14 +30,14 @@ def _resume(old: dict, new: ml_collections.ConfigDict, step: int = 8) -> reconci
 @pytest.mark.parametrize("name", ["ldm_f8", "demo", "tiny_config"])
 def test_config_json_round_trip(name):
   config = load_config(name)
-  text = reconcile.config_to_json(config)
-  back = reconcile.config_from_json(text)
+  text = serialize.to_json(config)
+  back = serialize.from_json(text)
   assert back["model"]["ch_mult"] == list(config.model.ch_mult)
   assert reconcile.diff(back, config) == []
-  rebuilt = reconcile.config_from_dict(back)
+  rebuilt = serialize.from_dict(back)
   assert rebuilt.model.ch_mult == tuple(config.model.ch_mult)
   assert rebuilt.to_dict() == config.to_dict()
-  assert reconcile.config_to_json(rebuilt) == text
+  assert serialize.to_json(rebuilt) == text
 
 
 def test_config_json_resolves_references_and_placeholders():
@@ -45,15 +46,15 @@ def test_config_json_resolves_references_and_placeholders():
   config.b = config.get_ref("a") * 2
   config.c = ml_collections.config_dict.placeholder(int)
   config.d = ((1, 2), (3,))
-  back = reconcile.config_from_json(reconcile.config_to_json(config))
+  back = serialize.from_json(serialize.to_json(config))
   assert back == {"a": 3, "b": 6, "c": None, "d": [[1, 2], [3]]}
 
 
 def test_config_from_json_rejects_garbage():
   with pytest.raises(ConfigError, match="not valid JSON"):
-    reconcile.config_from_json("{oops")
+    serialize.from_json("{oops")
   with pytest.raises(ConfigError, match="not a JSON object"):
-    reconcile.config_from_json("[1, 2]")
+    serialize.from_json("[1, 2]")
 
 
 def test_unchanged_config_is_an_empty_plan():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.experimental import mesh_utils
 
-from vae_scale import sharding
+from vae_scale.training import sharding
 
 
 def test_mesh_spans_all_devices_on_data_axis():

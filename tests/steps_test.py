@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from vae_scale import losses
-from vae_scale import steps
+from vae_scale.training import losses
+from vae_scale.training import steps
+from vae_scale.training import step_parts
+from vae_scale.training import train_state
 from vae_scale.data import pipeline
 
 
@@ -21,7 +23,7 @@ def _gan_config(**kw):
 
 def _setup(config, adversarial):
   import dataclasses  # pylint: disable=g-import-not-at-top
-  cfg, init = steps.build(config, with_disc=True)
+  cfg, init = train_state.build(config, with_disc=True)
   cfg = dataclasses.replace(cfg, adversarial=adversarial)
   assert config.ema_decay > 0
   state = init(jax.random.key(0))
@@ -37,7 +39,7 @@ def test_adaptive_weight_equals_direct_gradient_norms():
   model = nnx.merge(cfg.graphdef, state.params)
   rng = jax.random.key(3)
   recon, _, h = model.forward_with_features(x, rng)
-  rec_g, g_g = steps.last_layer_grads(cfg, x, h, recon, state.params, state.disc_params,
+  rec_g, g_g = step_parts.last_layer_grads(cfg, x, h, recon, state.params, state.disc_params,
                                       state.disc_stats)
 
   # Direct: full gradients through the whole autoencoder, then take the last kernel's entry.
@@ -48,7 +50,7 @@ def test_adaptive_weight_equals_direct_gradient_norms():
     return jax.grad(f)(state.params)["decoder"]["conv_out"]["kernel"]
   rec_fn = lambda r: losses.l1_loss(x, r) + config.loss.ssim_weight * losses.ssim_loss(x, r)
   g_fn = lambda r: losses.generator_loss(
-      steps.discriminate(cfg, state.disc_params, state.disc_stats, r)[0])
+      step_parts.discriminate(cfg, state.disc_params, state.disc_stats, r)[0])
   want_rec, want_g = direct(rec_fn), direct(g_fn)
   np.testing.assert_allclose(np.asarray(rec_g), np.asarray(want_rec), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(np.asarray(g_g), np.asarray(want_g), rtol=1e-4, atol=1e-7)
@@ -62,10 +64,10 @@ def test_adaptive_weight_is_taken_on_the_whole_reconstruction_term_with_lpips(tm
   """With LPIPS in the loss, d_weight's numerator is the gradient of L1 + LPIPS (as taming takes
   it on nll_loss), not of L1 alone."""
   import feature_nets  # pylint: disable=g-import-not-at-top
-  from vae_scale.interop import torch_nets  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
   from vae_scale.models import lpips  # pylint: disable=g-import-not-at-top
   path, _ = feature_nets.lpips_files(feature_nets.torch_lpips(), str(tmp_path))
-  lpips_params = torch_nets.load_lpips_params(path)
+  lpips_params = frozen_weights.load_lpips_params(path)
   config = _gan_config(**{"loss.perceptual_weight": 1.0, "loss.lpips_weights": path,
                           "loss.reduction": "ldm_sum", "loss.ssim_weight": 0.0})
   cfg, state, batch = _setup(config, True)
@@ -73,7 +75,7 @@ def test_adaptive_weight_is_taken_on_the_whole_reconstruction_term_with_lpips(tm
   model = nnx.merge(cfg.graphdef, state.params)
   rng = jax.random.key(3)
   recon, _, h = model.forward_with_features(x, rng)
-  rec_g, _ = jax.jit(steps.last_layer_grads, static_argnums=0)(
+  rec_g, _ = jax.jit(step_parts.last_layer_grads, static_argnums=0)(
       cfg, x, h, recon, state.params, state.disc_params, state.disc_stats, lpips_params)
 
   def direct(loss_of_recon):  # Through the whole autoencoder, then the last kernel's entry.

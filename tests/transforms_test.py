@@ -9,7 +9,7 @@ from conftest import bad_image_files
 from conftest import encode_image
 from conftest import good_image_files
 from conftest import random_photo
-from vae_scale import transforms
+from vae_scale.data import transforms
 
 
 def _close(a, b, tol=6):

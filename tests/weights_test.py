@@ -13,7 +13,7 @@ from conftest import SMALL_DIFFUSERS
 from conftest import assert_trees_equal
 from conftest import random_params
 from conftest import small_autoencoder_config
-from vae_scale import convert
+from vae_scale.tools import convert
 from vae_scale import models
 from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config

@@ -73,20 +73,16 @@ def run_config(fl: dict[str, Any]) -> Any:
   workdir = fl["workdir"].value
   if not workdir:
     raise usage_error("--config is required without --workdir")
-  # pylint: disable=g-import-not-at-top
-  from etils import epath
-  from vae_scale import checkpointing
-  from vae_scale import reconcile
-  # pylint: enable=g-import-not-at-top
-  directory = epath.Path(workdir) / "checkpoints"
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
-      directory.exists()) else []
+  from vae_scale.config import serialize  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import checkpoints  # pylint: disable=g-import-not-at-top
+  steps = checkpoints.list_steps(workdir)
   step = fl["step"].value if fl["step"].value is not None else (steps[-1] if steps else None)
-  stored = checkpointing.stored_config(directory, step) if step is not None else None
+  stored = (checkpoints.stored_config(checkpoints.directory(workdir), step) if step is not None
+            else None)
   if stored is None:
     raise usage_error(f"{workdir} has no checkpoint with a stored config (step {step}); pass "
                       "--config=THE_RUN'S_CONFIG")
-  return reconcile.config_from_dict(stored)
+  return serialize.from_dict(stored)
 
 
 def cluster_detected() -> bool:
@@ -144,22 +140,34 @@ def _one_line(text: str) -> str:
   return re.sub(r"\s+", " ", text.replace("\\n", " ")).strip()
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser; a flag or config-override mistake is one line and exit 2."""
+def parse_flags(argv: list[str], flag_values: Any = None) -> list[str]:
+  """absl's parser over `flag_values` (default: the global FLAGS); returns the leftover argv.
+
+  Raises:
+    ConfigError: a flag or a --config.FIELD override mistake, as one line.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   try:
-    return flags.FLAGS(argv)
+    return flag_values(argv)
   except flags.Error as e:
-    print(f"error: {_one_line(str(e))}\nPass --help for the flags.", file=sys.stderr)
-    sys.exit(2)
+    raise errors.ConfigError(f"{_one_line(str(e))}. Pass --help for the flags.") from None
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # From ml_collections overrides.
     text = str(e.args[0]) if e.args else str(e)
     if text[:1] in "'\"" and text[-1:] == text[:1]:  # A KeyError's message, quoted by its repr.
       text = ast.literal_eval(text)
     text = re.sub(r"\s*Did you mean", "; did you mean", _one_line(text))
-    print(f"error: bad --config override: {text} (every field is listed in configs/ldm_f8.py)",
-          file=sys.stderr)
-    sys.exit(2)
+    raise errors.ConfigError(f"bad --config override: {text} (every field is listed in "
+                             "configs/ldm_f8.py)") from None
+
+
+def _parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """`parse_flags` for absl's app.run: a mistake is one line on stderr and exit 2."""
+  try:
+    return parse_flags(argv)
+  except errors.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def report(error: errors.Error) -> int:
@@ -184,7 +192,26 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     except errors.Error as e:
       return report(e)
 
-  app.run(wrapped, flags_parser=_parse_flags)
+  app.run(wrapped, flags_parser=_parse_flags_or_exit)
+
+
+def main_module_flags(define: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """Calls a tool's `define_flags` and lists its flags under `--help` of the entry module.
+
+  A tool's code lives in `vae_scale.tools.X` and runs from the thin `python -m vae_scale.X` entry
+  module, which absl treats as the main module: its usage text and `--help` would otherwise show
+  neither the tool's docstring nor its flags.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  holders = define()
+  main = sys.modules.get("__main__")
+  module = sys.modules.get(getattr(define, "__module__", ""))
+  if main is not None and module is not None:
+    main.__doc__ = module.__doc__
+  for holder in holders.values():
+    flag = flags.FLAGS[holder.name]
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  return holders
 
 
 def usage_error(message: str) -> errors.ConfigError:

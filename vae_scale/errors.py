@@ -8,7 +8,13 @@ steps · 42 preempted (rerun the same command).
 
 from __future__ import annotations
 
+BAD_INPUT_EXIT_CODE = 2
+NONFINITE_EXIT_CODE = 3
 PREEMPTED_EXIT_CODE = 42
+# What each code means, for launchers' messages (shell scripts in launch/ name the same codes).
+EXIT_MEANINGS = {0: "finished", BAD_INPUT_EXIT_CODE: "bad config, data or weights",
+                 NONFINITE_EXIT_CODE: "too many non-finite steps",
+                 PREEMPTED_EXIT_CODE: "preempted, checkpoint saved"}
 
 
 class Error(Exception):
@@ -20,25 +26,25 @@ class Error(Exception):
 class ConfigError(Error, ValueError):
   """A config field is invalid; the message is `config.FIELD: rule`."""
 
-  exit_code = 2
+  exit_code = BAD_INPUT_EXIT_CODE
 
 
 class DataError(Error, ValueError):
   """The data a config points at cannot be used. The message names the path and what to do."""
 
-  exit_code = 2
+  exit_code = BAD_INPUT_EXIT_CODE
 
 
 class ConversionError(Error, ValueError):
   """Weights that cannot be converted or loaded. The message names the file and what to do."""
 
-  exit_code = 2
+  exit_code = BAD_INPUT_EXIT_CODE
 
 
 class NonFiniteError(Error, RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
-  exit_code = 3
+  exit_code = NONFINITE_EXIT_CODE
 
 
 class Preempted(Error):

@@ -9,7 +9,7 @@ checkpoint of the reached step was saved: rerun the same command); 3 too many no
 from __future__ import annotations
 
 if __name__ == "__main__":  # SIGTERM means "preempted, rerun" from the first instant (exit 42).
-  from vae_scale import preemption  # pylint: disable=g-import-not-at-top  (stdlib only)
+  from vae_scale.run import preemption  # pylint: disable=g-import-not-at-top  (stdlib only)
   _WATCH = preemption.Watch().install()
 
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -44,18 +44,18 @@ def main(argv: list[str], distributed: dict, watch) -> int:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # pylint: disable=g-import-not-at-top
   import jax
-  from vae_scale import config_lib
-  from vae_scale import train
+  from vae_scale.config import schema
+  from vae_scale.run import loop
   # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
-  config_lib.validate(config)  # Before touching devices: a typo costs a second, not a pod start.
+  schema.validate(config)  # Before touching devices: a typo costs a second, not a pod start.
   cli.init_distributed(distributed, watch)
   logging.info("Process %d of %d; %d local devices, %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   logging.info("Local devices: %s", jax.local_devices())
   logging.info("Config:\n%s", config)
-  train.train_and_evaluate(config, _WORKDIR.value, watch)
+  loop.train_and_evaluate(config, _WORKDIR.value, watch)
   return 0
 
 

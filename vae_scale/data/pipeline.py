@@ -32,8 +32,8 @@ import numpy as np
 from absl import logging
 from grain.python import SharedMemoryArray
 
-from vae_scale import config_lib
-from vae_scale import transforms
+from vae_scale.config import schema
+from vae_scale.data import transforms
 from vae_scale.data import sampler
 from vae_scale.data import skipping
 from vae_scale.data import sources
@@ -42,7 +42,7 @@ from vae_scale.errors import DataError
 
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
   """The share of a global batch each process loads (a ConfigError if it doesn't divide)."""
-  config_lib.check_batch(global_batch_size, num_processes=process_count)
+  schema.check_batch(global_batch_size, num_processes=process_count)
   return global_batch_size // process_count
 
 

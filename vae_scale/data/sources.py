@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_scale import transforms
+from vae_scale.data import transforms
 from vae_scale.data import file_lists
 from vae_scale.errors import DataError
 

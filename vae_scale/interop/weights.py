@@ -19,9 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vae_scale import checkpointing
+from vae_scale.run import checkpoints
 from vae_scale import models
-from vae_scale import state_tree
+from vae_scale.run import state_tree
 from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config
 from vae_scale.interop import names
@@ -170,7 +170,7 @@ def load_params(path: str, model_cfg: AutoencoderConfig | None = None) -> Params
   if kind == "run":
     if model_cfg is None:
       raise ConversionError(f"{path} is a run workdir: pass the model config of its run")
-    params, _, _ = checkpointing.read_params(path, model_cfg)
+    params, _, _ = checkpoints.read_params(path, model_cfg)
     return params
   if kind == "params":
     return _restore_params_dir(path, model_cfg)
@@ -248,5 +248,5 @@ def load_weights(config: ml_collections.ConfigDict, workdir: str | None, params_
             int(step or 0), "imported")
   if not workdir:
     raise ConversionError("needs a run --workdir or --params")
-  return checkpointing.read_params(workdir, model_cfg, step=step, weights=weights,
+  return checkpoints.read_params(workdir, model_cfg, step=step, weights=weights,
                                    sharding=sharding_)

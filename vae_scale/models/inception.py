@@ -13,7 +13,7 @@ no antialiasing), 2x - 1, the network, global average pool. Images are not clipp
 quantize) reconstructions first to score them as saved images would be.
 
 Parameter names mirror the torch state dict (`Mixed_5b.branch1x1.conv.kernel`, `.bn.scale`,
-`.bn.bias`, `.bn.mean`, `.bn.var`); `vae_scale.interop.torch_nets.load_inception_params` returns
+`.bn.bias`, `.bn.mean`, `.bn.var`); `vae_scale.models.frozen_weights.load_inception_params` returns
 them.
 """
 
@@ -257,7 +257,7 @@ def inception_features(params: Params, images: Array, *, dtype: Any = jnp.float3
   """pool3 features of images, as a pure function of frozen params.
 
   Args:
-    params: flat dict from `vae_scale.interop.torch_nets.load_inception_params`.
+    params: flat dict from `vae_scale.models.frozen_weights.load_inception_params`.
     images: [B, H, W, 3] in [-1, 1].
     dtype: compute dtype of the convs.
     precision: precision of the convs (None: the backend's default).

@@ -8,7 +8,7 @@ dropout acts in training only; LPIPS is never trained here, so there is none). I
 [-1, 1].
 
 The convs compute in `dtype` (bfloat16 is fine); the normalisation, squared differences, lin heads
-and sums are float32. Weights come from `vae_scale.interop.torch_nets.load_lpips_params` as a flat
+and sums are float32. Weights come from `vae_scale.models.frozen_weights.load_lpips_params` as a flat
 dict (`conv1_1.kernel`, ..., `lin4.kernel`); `lpips_distance(params, x, y)` is the pure form a
 jitted loss calls with those params as a frozen pytree argument.
 """
@@ -201,7 +201,7 @@ def lpips_distance(params: Params, x: Array, y: Array, *, dtype: Any = jnp.float
   """Per-image LPIPS-VGG v0.1 distance, as a pure function of frozen params.
 
   Args:
-    params: flat dict from `vae_scale.interop.torch_nets.load_lpips_params` (numpy or jax arrays).
+    params: flat dict from `vae_scale.models.frozen_weights.load_lpips_params` (numpy or jax arrays).
     x: [B, H, W, 3] in [-1, 1].
     y: [B, H, W, 3] in [-1, 1].
     dtype: compute dtype of the VGG convs; everything after them is float32.

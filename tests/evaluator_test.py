@@ -1,6 +1,5 @@
-"""rFID and LPIPS in the one evaluation, against pytorch-fid and the lpips package (seeded weights)."""
-
-import logging
+"""The one evaluation: rFID and LPIPS against pytorch-fid and the lpips package (seeded weights),
+padding left out."""
 
 import jax
 import numpy as np
@@ -10,55 +9,12 @@ from pytorch_fid import fid_score
 
 import feature_nets
 from conftest import tiny_config
-from vae_scale import evaluation
-from vae_scale import fid
 from vae_scale import models
-from vae_scale import rfid
-from vae_scale import sharding
 from vae_scale.data import pipeline
-from vae_scale.interop import torch_nets
-
-
-def test_allgather_stats_is_bit_exact():
-  rng = np.random.default_rng(0)
-  stats = fid.FeatureStats(6).add(rng.normal(size=(9, 6)) * 1e3 + 1e-9)
-  out = rfid.allgather_stats(stats)  # One process: the gather of itself.
-  assert out.count == 9
-  np.testing.assert_array_equal(out.total, stats.total)
-  np.testing.assert_array_equal(out.outer, stats.outer)
-
-
-def test_local_rows_are_this_process_rows_in_order():
-  mesh = sharding.create_mesh()
-  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
-  arr = jax.device_put(x, sharding.batch_sharding(mesh))
-  assert len(arr.addressable_shards) == 8
-  np.testing.assert_array_equal(rfid.local_rows(arr), x)
-
-
-def test_padding_is_left_out_of_the_statistics():
-  acc = rfid.RFID(dim=3)
-  real = np.arange(12, dtype=np.float64).reshape(4, 3)
-  acc.add(real, real + 1, np.array([1, 0, 1, 0], np.float32))
-  assert acc.real.count == acc.fake.count == 2
-  np.testing.assert_array_equal(acc.real.total, real[[0, 2]].sum(0))
-
-
-def test_progress_logs_eta_and_the_table_line(caplog):
-  progress = rfid.Progress(total_batches=4, every=2)
-  with caplog.at_level(logging.INFO):
-    for i in range(1, 5):
-      progress.update(i, 8.0)
-  lines = [r.getMessage() for r in caplog.records if "batches" in r.getMessage()]
-  assert len(lines) == 2 and lines[0].startswith("Evaluation: 2/4 batches, 16 images, ")
-  assert "images/s, ETA 0:00:0" in lines[0] and "4/4 batches, 32 images" in lines[1]
-  result = {"rfid": 4.7, "psnr": 24.5, "psnr_std": 4.19, "ssim": 0.71, "ssim_std": 0.15,
-            "lpips": None, "num_images": 5000}
-  assert rfid.table_line(result) == ("rFID 4.700 | PSNR 24.50 ± 4.19 | SSIM 0.710 ± 0.150 | "
-                                     "LPIPS - | 5000 images")
-
-
-# --------------------------------------------------------------------------- the Evaluator
+from vae_scale.eval import evaluator
+from vae_scale.eval import report
+from vae_scale.models import frozen_weights
+from vae_scale.training import sharding
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +50,11 @@ def test_evaluator_rfid_and_lpips_match_pytorch_fid_and_lpips(nets):
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   mesh = sharding.create_mesh()
   ds = pipeline.create_eval_dataset(config, 0, 1)
-  evaluator = evaluation.Evaluator(
+  scorer = evaluator.Evaluator(
       config, mesh, kinds=("reconstructions",),
-      lpips_params=torch_nets.load_lpips_params(nets["lpips"]),
-      inception_params=torch_nets.load_inception_params(nets["inception"]), log_every_batches=1)
-  result, _ = evaluator(jax.device_put(params, sharding.replicated(mesh)), ds, 1)
+      lpips_params=frozen_weights.load_lpips_params(nets["lpips"]),
+      inception_params=frozen_weights.load_inception_params(nets["inception"]), log_every_batches=1)
+  result, _ = scorer(jax.device_put(params, sharding.replicated(mesh)), ds, 1)
   assert result["num_images"] == 12
 
   x = np.stack([ds[i]["image"] for i in range(12)])
@@ -122,4 +78,4 @@ def test_evaluator_rfid_and_lpips_match_pytorch_fid_and_lpips(nets):
     d = nets["torch_lpips"](feature_nets.nchw(recon), feature_nets.nchw(x)).numpy().reshape(-1)
   np.testing.assert_allclose(result["lpips"], d.mean(), rtol=1e-4)
   np.testing.assert_allclose(result["lpips_std"], d.std(), rtol=1e-3)
-  assert "evaluate/rfid" in evaluation.scalars(result, "evaluate")
+  assert "evaluate/rfid" in report.scalars(result, "evaluate")

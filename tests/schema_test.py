@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import load_config
-from vae_scale import config_lib
+from vae_scale.config import schema
 
 
 @pytest.mark.parametrize("name", ["ldm_f8", "demo"])
@@ -11,14 +11,14 @@ def test_shipped_configs_are_valid(name):
   config = load_config(name)
   if name == "ldm_f8":
     config.data.path = "/data/images"  # The recipe has no default dataset path.
-  config_lib.validate(config, num_devices=8)
+  schema.validate(config, num_devices=8)
 
 
 def _bad(mutate):
   config = load_config("demo")
   mutate(config)
-  with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config, num_devices=8)
+  with pytest.raises(schema.ConfigError) as err:
+    schema.validate(config, num_devices=8)
   msg = str(err.value)
   assert "\n" not in msg
   return msg
@@ -67,7 +67,7 @@ def test_loss_recipes_are_valid_with_their_files(name):
   config.loss.lpips_weights = "lpips_vgg.safetensors"  # Placeholders: validate reads no file.
   if name == "sd_ft_mse":
     config.init_from = "/models/sd-vae"
-  config_lib.validate(config, num_devices=8)
+  schema.validate(config, num_devices=8)
 
 
 def test_ldm_f8_lpips_is_ldms_loss():
@@ -94,8 +94,8 @@ def _recipe_error(name, **fields) -> str:
   for key, value in fields.items():
     node, leaf = (config.loss, key[5:]) if key.startswith("loss_") else (config, key)
     setattr(node, leaf, value)
-  with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config, num_devices=8)
+  with pytest.raises(schema.ConfigError) as err:
+    schema.validate(config, num_devices=8)
   assert "\n" not in str(err.value)
   return str(err.value)
 
@@ -115,7 +115,7 @@ def test_freeze_encoder_without_init_from_is_refused():
 def test_evaluation_needs_neither_training_file():
   config = load_config("sd_ft_mse")
   config.data.path = "/data/images"
-  config_lib.validate(config, num_devices=8, training=False)
+  schema.validate(config, num_devices=8, training=False)
 
 
 def test_new_loss_fields_are_checked():

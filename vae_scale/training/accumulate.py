@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vae_scale import losses
-from vae_scale import steps
+from vae_scale.training import losses
+from vae_scale.training import step_parts
+from vae_scale.training.train_state import StepConfig
+from vae_scale.training.train_state import TrainState
 
 Array = jax.Array
 
@@ -46,9 +48,9 @@ def split(a: Array, k: int) -> Array:
   return a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1)
 
 
-def accumulated_step(state: steps.TrainState, x: Array, lpips_params: Any, step_rng: Array,
-                     kl_weight: Array, disc_factor: Array, *, cfg: steps.StepConfig
-                     ) -> tuple[steps.TrainState, Any]:
+def accumulated_step(state: TrainState, x: Array, lpips_params: Any, step_rng: Array,
+                     kl_weight: Array, disc_factor: Array, *, cfg: StepConfig
+                     ) -> tuple[TrainState, Any]:
   """`steps.train_step` over k = cfg.grad_accum_steps micro-batches of `x` [B, H, W, 3].
 
   Args, returns: as `steps.train_step` (`step_rng` is its per-step key, `kl_weight` and
@@ -65,9 +67,9 @@ def accumulated_step(state: steps.TrainState, x: Array, lpips_params: Any, step_
   def parts(params, xj, ej, rng):
     recon, post, h = nnx.merge(cfg.graphdef, params).forward_with_features(
         xj, None, deterministic=cfg.dropout == 0, rngs=nnx.Rngs(dropout=rng), noise=ej)
-    loss, terms = losses.with_kl(*steps.reconstruction_fn(cfg, xj, lpips_params)(recon), post,
+    loss, terms = losses.with_kl(*step_parts.reconstruction_fn(cfg, xj, lpips_params)(recon), post,
                                  kl_weight, cfg.reduction)
-    g_loss = (losses.generator_loss(steps.discriminate(cfg, state.disc_params, state.disc_stats,
+    g_loss = (losses.generator_loss(step_parts.discriminate(cfg, state.disc_params, state.disc_stats,
                                                        recon)[0]) if cfg.adversarial else zero)
     return (loss, g_loss), (terms, recon, post, h)
 
@@ -77,13 +79,13 @@ def accumulated_step(state: steps.TrainState, x: Array, lpips_params: Any, step_
         lambda p: parts(p, xj, ej, jax.random.fold_in(dropout_rng, j)), state.params,
         has_aux=True)
     out = {"rec_grads": vjp((one, zero))[0]}
-    metrics = {**terms, **steps.image_metrics(xj, recon, post), "loss": loss, "g_loss": g_loss}
+    metrics = {**terms, **step_parts.image_metrics(xj, recon, post), "loss": loss, "g_loss": g_loss}
     if cfg.adversarial:
       out["gen_grads"] = vjp((zero, one))[0]
-      out["last_rec"], out["last_gen"] = steps.last_layer_grads(
+      out["last_rec"], out["last_gen"] = step_parts.last_layer_grads(
           cfg, xj, jax.lax.stop_gradient(h), jax.lax.stop_gradient(recon), state.params,
           state.disc_params, state.disc_stats, lpips_params)
-      d_loss, (stats, lr, lf), out["d_grads"] = steps.discriminator_grads(
+      d_loss, (stats, lr, lf), out["d_grads"] = step_parts.discriminator_grads(
           cfg, state.disc_params, carry["stats"], xj, recon, disc_factor)
       carry = dict(carry, stats=stats)
       metrics.update(d_loss=d_loss, lr=jnp.mean(lr), lf=jnp.mean(lf),
@@ -109,7 +111,7 @@ def accumulated_step(state: steps.TrainState, x: Array, lpips_params: Any, step_
     grads = jax.tree.map(lambda r, g: r + d_weight * disc_factor * g, grads, mean["gen_grads"])
     loss = loss + d_weight * disc_factor * m["g_loss"]
     adv["d_weight"] = d_weight
-  new_state, opt_state = steps.apply_update(state, grads, cfg)
+  new_state, opt_state = step_parts.apply_update(state, grads, cfg)
   disc_out = dict.fromkeys(["d_loss", "logits_real", "logits_fake", "disc_accuracy"], zero)
   if cfg.adversarial:
     d_updates, d_opt = cfg.disc_tx.update(mean["d_grads"], state.disc_opt_state,
@@ -124,5 +126,5 @@ def accumulated_step(state: steps.TrainState, x: Array, lpips_params: Any, step_
            k_.startswith("kl_channel_")}
   quality = {k_: m[k_] for k_ in m if k_ in ("psnr", "ssim", "latent_std") or
              k_.startswith("kl_channel_")}
-  return new_state, steps.collect_metrics(cfg, state, loss, grads, opt_state, terms, adv,
+  return new_state, step_parts.collect_metrics(cfg, state, loss, grads, opt_state, terms, adv,
                                           disc_out, quality, disc_factor)

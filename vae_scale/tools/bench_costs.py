@@ -3,6 +3,7 @@ activation bytes, and the peak FLOP/s of known devices (for MFU). Used by `bench
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import platform
 from typing import Any
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from vae_scale import losses
+from vae_scale.training import losses
 from vae_scale.models import AutoencoderConfig
 from vae_scale.models import AutoencoderKL
 
@@ -177,10 +178,12 @@ def device_peak_bytes(device: Any) -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def versions() -> dict[str, str]:
-  """Python and the JAX stack's versions, for benchmark reports."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__}
+def versions(packages: tuple[str, ...] = ("jax", "jaxlib", "flax", "optax")) -> dict[str, str]:
+  """Python's and `packages`' installed versions (distribution names), for benchmark reports."""
+  out = {"python": platform.python_version()}
+  for name in packages:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "not installed"
+  return out

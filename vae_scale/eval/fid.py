@@ -1,10 +1,16 @@
-"""Fréchet distance between feature sets (rFID), on the host in float64, as pytorch-fid computes it.
+"""rFID: Fréchet distance between feature sets, on the host in float64, as pytorch-fid computes it.
 
 Features are streamed into a `FeatureStats` (count, sum, sum of outer products, all float64), which
 merges across batches and hosts; its mean and covariance (np.cov's ddof=1) then go into
 `frechet_distance`, a copy of `pytorch_fid.fid_score.calculate_frechet_distance`:
 
   d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)).
+
+In an evaluation (`RFID`), every process adds the pool3 features of its own weight-1 images
+(padding never enters) to two `FeatureStats` (held-out images and their reconstructions); after the
+last batch the per-host sums are gathered (`allgather_stats`: bit-exact, float64 travels as uint32
+pairs, since JAX without x64 would round it to float32) and merged, and every process computes the
+same `fid_from_stats` in float64.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from scipy import linalg
+
+from vae_scale.models import inception
 
 
 @dataclasses.dataclass
@@ -143,3 +153,81 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
 def fid_from_stats(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
   """`frechet_distance` between two feature sets' statistics."""
   return frechet_distance(a.mean(), a.cov(), b.mean(), b.cov(), eps)
+
+
+# --------------------------------------------------------------------------- across hosts
+
+
+FULL_RANK_IMAGES = inception.FEATURE_DIM  # Fewer images leave the 2048-d covariance singular.
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """The rows of a batch-sharded global array that this process holds, in global order.
+
+  Args:
+    array: [B, ...] sharded on its leading axis (replicas of a row are read once).
+
+  Returns:
+    [b, ...] numpy, this process's rows (all B with one process).
+  """
+  shards = {}
+  for shard in array.addressable_shards:
+    start = (shard.index[0].start or 0) if shard.index else 0
+    shards.setdefault(start, shard)
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=0)
+
+
+def _to_words(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(a, np.float64)).view(np.uint32)
+
+
+def allgather_stats(stats: FeatureStats) -> FeatureStats:
+  """The merge of every process's `stats` (each process calls it; all get the same result).
+
+  The float64 sums travel bit-exactly as uint32 words. Works with one process too.
+  """
+  words = {"count": _to_words(np.asarray([stats.count], np.float64)),
+           "total": _to_words(stats.total), "outer": _to_words(stats.outer)}
+  gathered = multihost_utils.process_allgather(words)  # Each [num_processes, ...].
+  merged = FeatureStats(stats.dim)
+  for p in range(np.asarray(gathered["count"]).shape[0]):
+    back = {k: np.ascontiguousarray(np.asarray(v[p], np.uint32)).view(np.float64)
+            for k, v in gathered.items()}
+    merged = merged.merge(FeatureStats(stats.dim, int(back["count"][0]), back["total"],
+                                           back["outer"].reshape(stats.dim, stats.dim)))
+  return merged
+
+
+class RFID:
+  """Accumulates the features of held-out images and of their reconstructions; then rFID."""
+
+  def __init__(self, dim: int = inception.FEATURE_DIM):
+    self.real, self.fake = FeatureStats(dim), FeatureStats(dim)
+
+  def add(self, real: np.ndarray, fake: np.ndarray, weight: np.ndarray) -> None:
+    """Adds this process's rows whose weight is 1.
+
+    Args:
+      real: [b, D] features of the held-out images.
+      fake: [b, D] features of their reconstructions (clipped to [-1, 1]).
+      weight: [b] in {0, 1}; 0 marks padding, which is left out.
+    """
+    keep = np.asarray(weight) > 0.5
+    self.real.add(np.asarray(real)[keep])
+    self.fake.add(np.asarray(fake)[keep])
+
+  def compute(self, process_count: int) -> tuple[float | None, int]:
+    """(rFID over every process's images, the number of images), the same on every process;
+    rFID is None (with a warning) below 2 images, which have no covariance."""
+    real, fake = self.real, self.fake
+    if process_count > 1:
+      real, fake = allgather_stats(real), allgather_stats(fake)
+    if real.count < 2:
+      logging.warning("rFID needs at least 2 images, got %d: not reported", real.count)
+      return None, real.count
+    if real.count < FULL_RANK_IMAGES:
+      logging.warning("rFID over %d images: with fewer than %d the feature covariances are "
+                      "singular and rFID is biased upwards; compare only runs scored on the same "
+                      "number of images (LDM used 50k, SD's VAE cards 5k)", real.count,
+                      FULL_RANK_IMAGES)
+    return fid_from_stats(real, fake), real.count

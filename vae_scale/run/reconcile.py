@@ -1,14 +1,15 @@
 """Config changes at resume: what differs from the config a checkpoint was saved with, what to do.
 
-The loop stores `config_to_json(config)` with every checkpoint; before restoring it calls
-`reconcile(stored, config, step, workdir)`: a `Plan` (log lines and the flags the loop acts on), or
-a ConfigError when the run cannot continue. Pure decision logic (no arrays). Each change's kind:
+Every checkpoint stores its run's config (`config.serialize.to_json`); before restoring, resume
+planning calls `reconcile(stored, config, step, workdir)`: a `Plan` (log lines and the flags the
+loop acts on), or a ConfigError when the run cannot continue. Pure decision logic (no arrays). What
+a change of each field means is the `resume` column of `config.schema.FIELDS`; the kinds of change:
 
   architecture  refused, nothing on disk touched: a parameter shape or module of the autoencoder
-                (AE_SHAPE_FIELDS; attn_resolutions / image_size when attention moves to other
+                (resume='architecture'; attn_resolutions / image_size when attention moves to other
                 levels), model.norm_groups (same shapes, but the weights were trained for another
                 function: continuing it must be asked for with init_from), and, when enabled before
-                and after, the discriminator's DISC_ARCH_FIELDS (group norm has no statistics).
+                and after, the discriminator's architecture (group norm has no statistics).
   ema           ema_decay switched between 0 and > 0: the average starts from the restored
                 parameters / is dropped from new checkpoints (older ones keep it).
   disc          disc.enabled switched: discriminator and optimizer start fresh / their state is
@@ -40,25 +41,16 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vae_scale import optim
+from vae_scale.config import schema
+from vae_scale.config import serialize
 from vae_scale.errors import ConfigError
+from vae_scale.training import optim
 
 RESUME_LOG = "resume_log.jsonl"
 KINDS = ("architecture", "ema", "disc", "freeze", "data", "continue")
 LR_JUMP = 0.01  # Relative change of the learning rate at the resume step that is warned about.
 LDM_BASE_LEARNING_RATE = 4.5e-6  # LDM: learning rate = this x global batch (configs/pods.py).
 
-AE_SHAPE_FIELDS = ("model.in_channels", "model.out_channels", "model.ch", "model.ch_mult",
-                   "model.num_res_blocks", "model.z_channels", "model.double_z",
-                   "model.mid_attention")
-DISC_ARCH_FIELDS = ("disc.n_layers", "disc.filters", "disc.norm")
-LR_FIELDS = ("optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps",
-             "num_train_steps")
-# The fields that choose what the train stream of each data.source reads.
-_STREAM_FIELDS = {"folder": ("data.path",),
-                  "tfds": ("data.tfds_name", "data.tfds_data_dir", "data.train_split",
-                           "data.image_key"),
-                  "synthetic": ("data.synthetic_size",), "samples": ("data.synthetic_size",)}
 _RESTART = ("the model continues from the checkpoint, the data stream restarts from its beginning "
             "(epoch 0 of the seeded shuffle)")
 
@@ -118,55 +110,6 @@ def _fmt(value: Any) -> str:
   return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
-def _plain(value: Any) -> Any:
-  """JSON-ready copy: ConfigDicts and dicts as dicts, tuples as lists, references resolved."""
-  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-    value = value.to_dict()
-  if isinstance(value, ml_collections.FieldReference):
-    value = value.get()
-  if isinstance(value, dict):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  return value.item() if callable(getattr(value, "item", None)) else str(value)  # numpy scalars.
-
-
-def config_to_json(config: ml_collections.ConfigDict | dict) -> str:
-  """The config as JSON text to store with a checkpoint (tuples as lists, references resolved,
-  placeholders as null; values JSON cannot hold are stored as their str())."""
-  return json.dumps(_plain(config), sort_keys=True, indent=1)
-
-
-def config_from_json(text: str) -> dict[str, Any]:
-  """Parses `config_to_json` output back into a nested dict. Raises ConfigError if it is not one."""
-  try:
-    value = json.loads(text)
-  except ValueError as e:
-    raise ConfigError(f"the stored run config is not valid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise ConfigError(f"the stored run config is a {type(value).__name__}, not a JSON object")
-  return value
-
-
-def config_from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict from a stored config dict, with lists turned back into tuples."""
-  tuplify = lambda v: (tuple(tuplify(x) for x in v) if isinstance(v, list) else
-                       {k: tuplify(x) for k, x in v.items()} if isinstance(v, dict) else v)
-  return ml_collections.ConfigDict(tuplify(_plain(d)))
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) and value:
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _attention_levels(f: dict[str, Any]) -> tuple[int, ...] | None:
   """The levels of the autoencoder with self-attention (besides the mid block); None: unknown."""
   try:
@@ -177,12 +120,16 @@ def _attention_levels(f: dict[str, Any]) -> tuple[int, ...] | None:
 
 
 def _data_effect(field: str, o: dict[str, Any], n: dict[str, Any]) -> str:
-  """'train' (changes what the train stream reads), 'eval' (only the eval set), or 'none'."""
+  """'train' (changes what the train stream reads), 'eval' (only the eval set), or 'none', for a
+  field whose resume kind is 'stream' or 'eval_set'."""
   source = n.get("data.source")
+  row = schema.FIELDS[field]
   if field == "data.source" or o.get("data.source") != source:
     return "train"
-  if field in _STREAM_FIELDS.get(source, ()):
-    return "train"
+  if row.resume == "stream":
+    return "train" if source in row.sources else "none"
+  if field == "num_eval_images":
+    return "eval"
   if source == "folder" and field == "data.eval_path":
     # With an eval_path all of data.path trains; without, a held-out share is taken out of it.
     return "train" if bool(o.get(field)) != bool(n.get(field)) else "eval"
@@ -190,10 +137,7 @@ def _data_effect(field: str, o: dict[str, Any], n: dict[str, Any]) -> str:
     return "train" if not (o.get("data.eval_path") or n.get("data.eval_path")) else "none"
   if source == "tfds" and field == "data.eval_split":
     return "eval"
-  if any(field in fields for fields in _STREAM_FIELDS.values()) or field in (
-      "data.eval_path", "data.eval_fraction", "data.eval_split"):
-    return "none"
-  return "other"
+  return "none"
 
 
 def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
@@ -203,12 +147,13 @@ def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
     where = "added to" if old is ABSENT else "removed from"
     return ("continue", f"a field {where} the config since the checkpoint (another vae_scale "
             "version?); assumed not to change the saved state", True)
-  if field in AE_SHAPE_FIELDS:
+  kind = schema.FIELDS[field].resume if field in schema.FIELDS else "continue"
+  if kind == "architecture":
     return "architecture", "changes the autoencoder's parameter shapes or modules", False
-  if field == "model.norm_groups":
+  if kind == "norm_groups":
     return ("architecture", "same parameter shapes, but the weights were trained to compute "
             "another function", False)
-  if field in ("model.attn_resolutions", "image_size"):
+  if kind == "attention":
     before, after = _attention_levels(o), _attention_levels(n)
     if before != after or before is None:
       return "architecture", "moves self-attention to other levels of the autoencoder", False
@@ -217,56 +162,54 @@ def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
     if n.get("data.source") in ("synthetic", "samples"):
       return "data", f"the {n['data.source']} source is built at the image size: {_RESTART}", True
     return "continue", "the model is fully convolutional: same parameters, other crop size", False
-  if field in DISC_ARCH_FIELDS:
+  if kind == "disc_architecture":
     if o.get("disc.enabled") and n.get("disc.enabled"):
       return "architecture", "changes the discriminator's architecture", False
     return "continue", "no saved discriminator state is affected (it is off before or after)", False
   dropped = "is dropped from new checkpoints (older checkpoints keep it)"
-  if field == "disc.enabled":
+  if kind == "disc":
     return "disc", ("discriminator turned on; it and its optimizer start from a fresh init"
                     if new else f"discriminator turned off; its state {dropped}"), False
-  if field == "ema_decay":
+  if kind == "ema":
     if (old > 0) != (new > 0):
       return "ema", ("EMA turned on; the average starts from the restored parameters" if new > 0
                      else f"EMA turned off; the average {dropped}"), False
     return "continue", "EMA decay changed; the average continues", False
-  if field == "freeze_encoder":
+  if kind == "freeze":
     side = " and ".join(optim.ENCODER_SIDE)
     return "freeze", (f"encoder frozen: {side} stop training and their Adam moments are reset"
                       if new else f"encoder unfrozen: {side} train again with Adam moments from "
                       "zero") + "; the decoder's are kept", False
-  if field == "init_from":
+  if kind == "init":
     return "continue", "only read when a run starts (step 0); no effect on a resumed run", True
-  if field == "seed":
+  if kind == "seed":
     note = ("the data order changes (the train step's random stream is saved in the checkpoint "
             f"and continues): {_RESTART}")
     if n.get("data.source") == "folder" and not n.get("data.eval_path"):
       note += ("; the held-out evaluation files change and some were trained on: eval metrics are "
                "not comparable with earlier ones")
     return "data", note, True
-  if field == "global_batch_size":
+  if kind == "batch":
     base = LDM_BASE_LEARNING_RATE
     return ("continue", f"each step now takes {new} images instead of {old}; the data position "
             "(counted in images) is kept, but step-counted settings (num_train_steps, schedule, "
             f"disc.start_step, intervals) now cover {new / old:.3g}x as many images (LDM scales "
             f"learning rates with the batch: {base:g} x {new} = {base * new:.3g}; "
             f"optimizer.learning_rate is {n.get('optimizer.learning_rate')!r})", True)
-  if field == "data.num_workers":  # The data position is global; workers only decode.
-    return "continue", "decoding only; the data position and order are kept", False
-  if field.startswith("data.") or field == "num_eval_images":
-    effect = "eval" if field == "num_eval_images" else _data_effect(field, o, n)
+  if kind == "decode":  # The data position is global; workers and prefetching only decode.
+    return "continue", "decoding and prefetching only; the data position and order are kept", False
+  if kind in ("stream", "eval_set"):
+    effect = _data_effect(field, o, n)
     if effect == "train":
       return "data", f"changes what the train stream reads: {_RESTART}", True
     if effect == "eval":
       return ("continue", "changes the evaluation set: eval metrics from here on are not "
               "comparable with earlier ones", True)
-    if effect == "none":
-      return "continue", f"no effect with data.source={n.get('data.source')!r}", False
-    return "continue", "decoding and prefetching only; the data position is kept", False
-  if field == "disc.learning_rate" and o.get("disc.enabled") and n.get("disc.enabled"):
+    return "continue", f"no effect with data.source={n.get('data.source')!r}", False
+  if kind == "disc_learning_rate" and o.get("disc.enabled") and n.get("disc.enabled"):
     jump = abs(new - old) > LR_JUMP * max(abs(old), abs(new))
     return "continue", "the discriminator's constant learning rate changes", jump
-  if field.startswith("model."):
+  if kind == "compute":
     return "continue", "computation only; the parameters are unchanged", False
   return "continue", "same state; training continues", False
 
@@ -275,12 +218,12 @@ def diff(old: dict[str, Any], new: ml_collections.ConfigDict | dict[str, Any]) -
   """Every field that differs between a stored config and the rerun's, classified.
 
   Args:
-    old: the config the checkpoint was saved with (`config_from_json` output, or any config).
+    old: the config the checkpoint was saved with (`serialize.from_json` output, or any config).
     new: the rerun's config.
   Returns:
     The changes, sorted by dotted field name; fields in only one config have old or new ABSENT.
   """
-  o, n = _flatten(_plain(old)), _flatten(_plain(new))
+  o, n = serialize.flatten(old), serialize.flatten(new)
   changes = []
   for field in sorted(set(o) | set(n)):
     a, b = o.get(field, ABSENT), n.get(field, ABSENT)
@@ -321,18 +264,19 @@ def plan(changes: list[Change], step: int, old_config: dict[str, Any] | ml_colle
   arch = [c for c in changes if c.kind == "architecture"]
   if arch:
     raise _architecture_error(arch, step, workdir)
-  o, n = _flatten(_plain(old_config)), _flatten(_plain(new_config))
+  o, n = serialize.flatten(old_config), serialize.flatten(new_config)
   rates, lr_checked, out = None, False, []
   for c in changes:
     note, warn = c.note, c.warn
     if c.old is ABSENT or c.new is ABSENT:
       out.append(c)
       continue
-    if c.field in LR_FIELDS and not lr_checked:
+    if schema.FIELDS.get(c.field, schema.Field(str)).resume == "learning_rate" and not lr_checked:
       lr_checked = True
       try:
         rates = tuple(float(optim.learning_rate_schedule(g.optimizer, g.num_train_steps)(step))
-                      for g in (config_from_dict(old_config), config_from_dict(new_config)))
+                      for g in (serialize.from_dict(old_config),
+                                 serialize.from_dict(new_config)))
       except (AttributeError, KeyError, TypeError, ValueError) as e:
         note += f"; the learning rates at step {step} cannot be compared ({e})"
       else:
@@ -367,7 +311,7 @@ def plan(changes: list[Change], step: int, old_config: dict[str, Any] | ml_colle
 def reconcile(old: dict[str, Any] | str, new: ml_collections.ConfigDict, step: int,
               workdir: str = "WORKDIR") -> Plan:
   """`plan(diff(old, new), ...)`; `old` may be the stored JSON text itself."""
-  old = config_from_json(old) if isinstance(old, str) else old
+  old = serialize.from_json(old) if isinstance(old, str) else old
   return plan(diff(old, new), step, old, new, workdir=workdir)
 
 

@@ -1,11 +1,12 @@
-"""checkpointing: resume checks and readers of run checkpoints."""
+"""Resume planning: the data position, and config changes at resume on real checkpoints."""
 
 import json
 
 import pytest
 
 from conftest import tiny_config
-from vae_scale import checkpointing
+from vae_scale.run import checkpoints
+from vae_scale.run import resume
 from vae_scale.data import pipeline
 from vae_scale.data import sampler
 from vae_scale.errors import DataError
@@ -21,41 +22,41 @@ def test_the_data_position_record_resumes_at_its_global_example(tmp_path, caplog
   assert record["global_examples"] == 80 and record["format"] == "vae_scale.data_position"
   (tmp_path / "metadata").write_text(json.dumps(record))  # Where Orbax's JsonSave writes it.
   config = tiny_config(global_batch_size=16)  # Resumed with another global batch: same example.
-  assert checkpointing.data_start(tmp_path, 10, config, data_source="SyntheticSource(...)") == 80
+  assert resume.data_start(tmp_path, 10, config, data_source="SyntheticSource(...)") == 80
   assert not caplog.text
   with caplog.at_level("WARNING"):
-    assert checkpointing.data_start(tmp_path, 10, config, data_source="FolderSource(...)") == 80
+    assert resume.data_start(tmp_path, 10, config, data_source="FolderSource(...)") == 80
   assert "the train source is now FolderSource" in caplog.text
   (tmp_path / "metadata").write_text(json.dumps(dict(record, version=2)))
   with pytest.raises(DataError, match="format version 2"):
-    checkpointing.data_start(tmp_path, 10, config)
+    resume.data_start(tmp_path, 10, config)
   (tmp_path / "metadata").write_text('{"format": "vae_scale.data_posi')  # Damaged: not a refusal.
   with pytest.raises(ValueError):
-    checkpointing.data_start(tmp_path, 10, config)
+    resume.data_start(tmp_path, 10, config)
 
 
 def test_grain_iterator_states_of_older_checkpoints_resume_on_any_process_count(tmp_path, caplog):
   # What vae_scale wrote before elastic data: one Grain iterator state per process.
   for name in ("process_0-of-2.json", "process_1-of-2.json"):
     (tmp_path / name).write_text(json.dumps({"parent": {}, "tried": 0, "bad": 0}))
-  assert checkpointing.grain_state_process_count(tmp_path) == 2
-  assert checkpointing.grain_state_process_count(tmp_path / "absent") is None
+  assert resume.grain_state_process_count(tmp_path) == 2
+  assert resume.grain_state_process_count(tmp_path / "absent") is None
   config = tiny_config(global_batch_size=8)
   with caplog.at_level("WARNING"):
     # The stored config's global batch (4) counts the steps the old run took.
-    start = checkpointing.data_start(tmp_path, 6, config, {"global_batch_size": 4})
+    start = resume.data_start(tmp_path, 6, config, {"global_batch_size": 4})
   assert start == 24
   lines = [r.getMessage() for r in caplog.records]
   assert len(lines) == 1, lines
   assert ("Grain's iterator states of 2 processes" in lines[0] and "global example 24" in lines[0]
           and "differ from the ones the old run would have read" in lines[0])
-  assert checkpointing.data_start(tmp_path / "absent", 6, config) == 48  # No data item at all.
+  assert resume.data_start(tmp_path / "absent", 6, config) == 48  # No data item at all.
 
 
 # --------------------------------------------------------------------------- config changes at resume
 #
 # A base run trains 2 steps; each case restores its checkpoint under a changed config with the one
-# restore-or-init the loop uses, and checks the restored parts bit for bit.
+# restore the loop uses, and checks the restored parts bit for bit.
 
 import hashlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -65,12 +66,12 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from vae_scale import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale import programs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale import reconcile  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale import state_tree  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.training import programs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.run import reconcile  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.run import state_tree  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.run import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _GAN = {"disc.enabled": True, "disc.filters": 8, "disc.n_layers": 2, "disc.start_step": 0,
@@ -85,16 +86,16 @@ def _base(**kw):
 def plain_run(tmp_path_factory):
   """2 steps without EMA or discriminator; returns (workdir, its stored state as numpy)."""
   workdir = str(tmp_path_factory.mktemp("plain"))
-  train.train_and_evaluate(_base(), workdir)
-  return workdir, checkpointing.read_state(workdir, 2)[0]
+  loop.train_and_evaluate(_base(), workdir)
+  return workdir, checkpoints.read_state(workdir, 2)[0]
 
 
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory):
   """2 steps with EMA and the discriminator on."""
   workdir = str(tmp_path_factory.mktemp("gan"))
-  train.train_and_evaluate(_base(**_GAN), workdir)
-  return workdir, checkpointing.read_state(workdir, 2)[0]
+  loop.train_and_evaluate(_base(**_GAN), workdir)
+  return workdir, checkpoints.read_state(workdir, 2)[0]
 
 
 def _copy(run, tmp_path):
@@ -104,22 +105,24 @@ def _copy(run, tmp_path):
 
 
 def _restore(workdir, config):
-  """The loop's restore-or-init under `config`; returns (state as numpy, step, data iterator)."""
+  """The loop's restore under `config`: the stored state or None, the state to train, the data
+  iterator; returns (state as numpy, step, data iterator, programs)."""
   mesh = sharding.create_mesh()
   model_cfg = models.AutoencoderConfig.from_config(config)
   frozen = (jax.tree.map(lambda t: not t, optim.trainable_mask(
       models.abstract_params(model_cfg), True)) if config.freeze_encoder else None)
   progs = programs.build(config, mesh, frozen=frozen)
-  manager = checkpointing.create_manager(workdir, config)
+  manager = checkpoints.create_manager(workdir, config)
   try:
-    r = checkpointing.restore_or_init(
-        manager, config=config, workdir=workdir, abstract_state=progs.abstract_state,
-        init=progs.init, make_data_iter=lambda start: iter(pipeline.create_train_dataset(
-            config, 0, 1, start=start)),
-        replicated=progs.replicated)
+    restored = resume.restore_latest(manager, config=config, workdir=workdir,
+                                     abstract_state=progs.abstract_state,
+                                     replicated=progs.replicated)
   finally:
     manager.close()
-  return jax.tree.map(np.asarray, r.state), r.step, r.data_iter, progs
+  state = resume.state_from(restored, progs.abstract_state, progs.init)
+  position = resume.data_position(restored, config)
+  data_iter = iter(pipeline.create_train_dataset(config, 0, 1, start=position.global_examples))
+  return jax.tree.map(np.asarray, state), position.step, data_iter, progs
 
 
 def _equal(a, b):
@@ -169,7 +172,7 @@ def test_ema_and_discriminator_turned_off_are_dropped(gan_run, tmp_path):
   kinds = {e["field"]: e["kind"] for e in _log(workdir)}
   assert kinds["ema_decay"] == "ema" and kinds["disc.enabled"] == "disc"
   # The old checkpoint keeps what the new run drops.
-  assert checkpointing.read_state(workdir, 2)[0]["ema_params"] is not None
+  assert checkpoints.read_state(workdir, 2)[0]["ema_params"] is not None
 
 
 @pytest.mark.slow
@@ -243,8 +246,8 @@ def test_an_architecture_change_is_refused_and_nothing_on_disk_changes(plain_run
 def test_a_truncated_array_file_is_still_damage(plain_run, tmp_path, caplog):
   workdir = _copy(plain_run[0], tmp_path)
   config = _base(num_train_steps=4)
-  train.train_and_evaluate(config, workdir)  # Checkpoints 2 and 4.
-  state4 = checkpointing.read_state(workdir, 4)[0]
+  loop.train_and_evaluate(config, workdir)  # Checkpoints 2 and 4.
+  state4 = checkpoints.read_state(workdir, 4)[0]
   arrays = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", "4",
                                                                       "state"))
             for f in fs if os.path.basename(d) == "d" and os.path.getsize(os.path.join(d, f)) > 1000]

@@ -12,13 +12,13 @@ import pytest
 from conftest import REPO
 from conftest import tiny_config
 import feature_nets
-from vae_scale import checkpointing
-from vae_scale import eval_history
-from vae_scale import programs
-from vae_scale import sharding
-from vae_scale import train
+from vae_scale.run import checkpoints
+from vae_scale.eval import report
+from vae_scale.training import programs
+from vae_scale.training import sharding
+from vae_scale.run import loop
 from vae_scale.data import pipeline
-from vae_scale.interop import torch_nets
+from vae_scale.models import frozen_weights
 
 
 @pytest.mark.slow
@@ -46,12 +46,12 @@ def _params(state):
 @pytest.mark.slow
 def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
   config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
-  straight = train.train_and_evaluate(config, str(tmp_path / "a"))
+  straight = loop.train_and_evaluate(config, str(tmp_path / "a"))
 
   config_b = tiny_config(num_train_steps=2, checkpoint_every_steps=2)
-  first = train.train_and_evaluate(config_b, str(tmp_path / "b"))
+  first = loop.train_and_evaluate(config_b, str(tmp_path / "b"))
   assert int(first.step) == 2
-  resumed = train.train_and_evaluate(config, str(tmp_path / "b"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "b"))
   assert int(resumed.step) == int(straight.step) == 4
   jax.tree.map(np.testing.assert_array_equal, _params(straight), _params(resumed))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, straight.opt_state),
@@ -64,10 +64,10 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
   assert (run / "images" / "reconstructions_00000000.png").exists()
   assert (run / "images" / "reconstructions_00000004.png").exists()
   # The eval history spans both sessions, and the resumed run's last evaluation is the straight one's.
-  history = eval_history.read(run)
+  history = report.read_history(run)
   assert [r["step"] for r in history] == [0, 2, 4]
-  assert history[-1]["psnr"] == pytest.approx(eval_history.read(tmp_path / "a")[-1]["psnr"], abs=1e-5)
-  assert str(run / "images" / "reconstructions_00000004.png") in eval_history.summary(history)
+  assert history[-1]["psnr"] == pytest.approx(report.read_history(tmp_path / "a")[-1]["psnr"], abs=1e-5)
+  assert str(run / "images" / "reconstructions_00000004.png") in report.history_summary(history)
 
   # The data position saved at step 2 (global examples consumed) continues with exactly the batch
   # an uninterrupted stream yields third.
@@ -78,7 +78,7 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
   restored = iter(pipeline.create_train_dataset(config, 0, 1, start=record["global_examples"]))
   np.testing.assert_array_equal(next(restored)["image"], third["image"])
   # The run's config is stored with every checkpoint, in the same commit.
-  assert checkpointing.stored_config(run / "checkpoints", 4)["num_train_steps"] == 4
+  assert checkpoints.stored_config(run / "checkpoints", 4)["num_train_steps"] == 4
 
 
 def _main(tmp_path, *overrides, config=REPO / "configs" / "demo.py"):
@@ -111,11 +111,11 @@ def test_missing_folder_fails_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_init_from_another_run_and_freeze_encoder_trains_the_decoder_only(tmp_path):
   source = str(tmp_path / "source")
-  train.train_and_evaluate(tiny_config(num_train_steps=2), source)
-  start, _ = checkpointing.read_state(source)
+  loop.train_and_evaluate(tiny_config(num_train_steps=2), source)
+  start, _ = checkpoints.read_state(source)
   config = tiny_config(num_train_steps=2, init_from=source, freeze_encoder=True,
                        **{"optimizer.name": "adamw", "optimizer.weight_decay": 0.1})
-  state = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  state = loop.train_and_evaluate(config, str(tmp_path / "finetune"))
   params = jax.tree.map(np.asarray, state.params)
   for part in ("encoder", "quant_conv"):
     a, b = jax.tree.leaves(start["params"][part]), jax.tree.leaves(params[part])
@@ -160,7 +160,7 @@ def test_train_step_with_lpips_in_ldm_units_is_finite_and_lpips_is_not_state(lpi
                           "loss.reduction": "ldm_sum", "loss.l2_weight": 0.5,
                           "loss.ssim_weight": 0.0, "loss.kl_weight": 1e-6})
   mesh = sharding.create_mesh()
-  progs = programs.build(config, mesh)
+  progs = programs.build(config, mesh, lpips_params=frozen_weights.load_lpips_params(lpips_file))
   # The LPIPS params ride along as a jit argument: the TrainState (and so every checkpoint) is the
   # one a run without LPIPS has.
   plain = programs.build(tiny_config(), mesh)
@@ -202,9 +202,9 @@ def test_perceptual_weight_without_lpips_weights_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_lpips_weights_of_another_network_fail_before_compiling(tmp_path):
-  wrong = feature_nets.tagged_file(tmp_path / "inception.safetensors", torch_nets.INCEPTION_NET)
+  wrong = feature_nets.tagged_file(tmp_path / "inception.safetensors", frozen_weights.INCEPTION_NET)
   line = _one_error_line(_main_tiny(tmp_path, "--config.loss.perceptual_weight=1.0",
                                     f"--config.loss.lpips_weights={wrong}"))
-  assert wrong in line and torch_nets.INCEPTION_NET in line, line
+  assert wrong in line and frozen_weights.INCEPTION_NET in line, line
   assert f"python -m vae_scale.convert lpips --out={wrong}" in line
   assert not (tmp_path / "run" / "checkpoints").exists()

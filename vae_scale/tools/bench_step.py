@@ -1,13 +1,11 @@
 r"""Training-step benchmark: compiles the real train step and times it on synthetic images.
 
-  python -m vae_scale.bench_step --config=configs/ldm_f8.py --batch_per_device=8 --steps=20 \
+  python -m vae_scale.bench step --config=configs/ldm_f8.py --batch_per_device=8 --steps=20 \
       [--config.model.dtype=bfloat16] [--config.model.remat=block] [--adversarial=both|ae|gan] \
       [--find_max_batch] [--json_out=PATH]
 
-(also reachable as `python -m vae_scale.bench step ...` with the same flags).
-
 For each variant — `ae`, the autoencoder-only step that runs before `disc.start_step`, and `gan`, the
-autoencoder + discriminator step after it — the step is built exactly as `train.py` builds it
+autoencoder + discriminator step after it — the step is built exactly as the train loop builds it
 (optimizer, StepConfig, sharded TrainState, `jax.jit` with shardings and the state donated), lowered
 and compiled once (timed), then run `--warmup` times and `--steps` times, each step ended by
 `block_until_ready`. Reported per variant: step time (median, mean, min), images/s per device and in
@@ -25,7 +23,6 @@ import gc
 import json
 import math
 import statistics
-import sys
 import time
 from typing import Any, Sequence
 
@@ -33,13 +30,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vae_scale import bench_costs
+from vae_scale.tools import bench_costs
 from vae_scale import cli
-from vae_scale import config_lib
+from vae_scale.config import schema
 from vae_scale import errors
-from vae_scale import programs
-from vae_scale import sharding
+from vae_scale.training import programs
+from vae_scale.training import sharding
 from vae_scale.models import AutoencoderConfig
+from vae_scale.models import frozen_weights
 
 VARIANTS = ("ae", "gan")
 
@@ -75,11 +73,14 @@ def lower_step(config: ml_collections.ConfigDict, variant: str, global_batch: in
   if variant not in VARIANTS:
     raise ValueError(f"variant {variant!r}: use one of {VARIANTS}")
   config = _with_batch(config, global_batch)
-  config_lib.validate(config, num_devices=len(devices))
+  schema.validate(config, num_devices=len(devices))
   mesh = sharding.create_mesh(list(devices))
   # The AE step carries the discriminator's state when the run has one (as in train.py); the GAN
   # step always needs it, even for configs (demo) whose runs disable it.
-  progs = programs.build(config, mesh, with_disc=config.disc.enabled or variant == "gan")
+  nets = frozen_weights.load_feature_nets(
+      lpips_weights=config.loss.lpips_weights if config.loss.perceptual_weight > 0 else "")
+  progs = programs.build(config, mesh, with_disc=config.disc.enabled or variant == "gan",
+                         lpips_params=nets.get("lpips"))
   step = progs.gan_step if variant == "gan" else progs.ae_step
   size = config.image_size
   images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=progs.batch_sharding)
@@ -325,7 +326,7 @@ def format_report(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command line
 
 
-def parse_args(argv: Sequence[str], prog: str = "vae_scale.bench_step"):
+def parse_args(argv: Sequence[str], prog: str = "vae_scale.bench step"):
   """Parses `--config=PATH[:ARG]`, `--config.FIELD=VALUE` overrides and the benchmark's flags.
 
   Returns:
@@ -361,23 +362,20 @@ def parse_args(argv: Sequence[str], prog: str = "vae_scale.bench_step"):
     print(__doc__)
     print(fv.get_help())
     raise SystemExit(0)
-  rest = fv(argv)
+  rest = cli.parse_flags(argv, fv)  # The one bootstrap's parser: mistakes are one line.
   if len(rest) > 1:
-    raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
+    raise cli.usage_error(f"unexpected arguments: {' '.join(rest[1:])}")
   if config.value is None:
-    raise flags.Error("--config=PATH is required")
+    raise cli.usage_error("--config=PATH is required")
   return fv, config.value, config_flags.get_override_values(fv["config"])
 
 
 def main(argv: Sequence[str]) -> int:
-  """`python -m vae_scale.bench_step FLAGS` (argv without the program name). Returns an exit code."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  """`python -m vae_scale.bench step FLAGS` (argv without the program name); returns the exit
+  code. Its flags live in their own FlagValues, so `main` can run several times in one process."""
   try:
     fv, config, overrides = parse_args(argv)
-    config_lib.validate(_with_batch(config, config.global_batch_size))
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    schema.validate(_with_batch(config, config.global_batch_size))
   except errors.Error as e:
     return cli.report(e)
   variants = VARIANTS if fv.adversarial == "both" else (fv.adversarial,)
@@ -386,14 +384,10 @@ def main(argv: Sequence[str]) -> int:
                peak=fv.peak_tflops or None, max_batch=fv.max_batch if fv.find_max_batch else 0,
                memory_limit_bytes=int(fv.memory_limit_gb * 2**30) if fv.memory_limit_gb else None,
                execute_max_batch=fv.execute)
-  report["command"] = "python -m vae_scale.bench_step " + " ".join(argv)
+  report["command"] = "python -m vae_scale.bench step " + " ".join(argv)
   report["overrides"] = {k: str(v) for k, v in overrides.items()}
   print(format_report(report))
   if fv.json_out:
     with open(fv.json_out, "w") as f:
       json.dump(report, f, indent=1)
   return 0 if all(r["finite"] for r in report["results"]) else 3
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

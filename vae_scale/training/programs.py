@@ -14,9 +14,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from vae_scale import sharding
-from vae_scale import steps
-from vae_scale.interop import torch_nets
+from vae_scale.training import sharding
+from vae_scale.training import steps
+from vae_scale.training import train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +35,12 @@ class TrainPrograms:
     gan_step: the same with the adversarial term, or None when the run has no discriminator.
   """
 
-  step_cfg: steps.StepConfig
+  step_cfg: train_state.StepConfig
   abstract_state: Any
   state_sharding: Any
   replicated: Any
   batch_sharding: Any
-  init: Callable[[], steps.TrainState]
+  init: Callable[[], train_state.TrainState]
   ae_step: Any
   gan_step: Any
 
@@ -73,7 +73,7 @@ class Bound:
     return getattr(self.stage, name)
 
 
-def jit_train_step(step_cfg: steps.StepConfig, state_sharding: Any, mesh: Mesh,
+def jit_train_step(step_cfg: train_state.StepConfig, state_sharding: Any, mesh: Mesh,
                    lpips_params: Any = None) -> Bound:
   """`steps.train_step` bound to `step_cfg` and `lpips_params` (replicated on `mesh`, or None),
   jitted with shardings, the state donated."""
@@ -93,16 +93,18 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
     mesh: the data-parallel mesh.
     frozen: pytree of bools marking frozen autoencoder parameters, or None.
     with_disc: carry the discriminator (default: config.disc.enabled); the GAN step needs it.
-    lpips_params: LPIPS-VGG params (`torch_nets.load_lpips_params`) for a loss with
-      loss.perceptual_weight > 0; default: read from config.loss.lpips_weights.
+    lpips_params: LPIPS-VGG params (`frozen_weights.load_feature_nets(...)['lpips']`), needed
+      by a loss with loss.perceptual_weight > 0 and ignored otherwise.
   Raises:
-    ConversionError: the LPIPS weights file is missing or holds another network.
+    ValueError: loss.perceptual_weight > 0 without `lpips_params` (a caller's mistake: the run
+      loads them before anything compiles).
   """
   with_disc = config.disc.enabled if with_disc is None else with_disc
-  step_cfg, init_fn = steps.build(config, frozen=frozen, with_disc=with_disc)
+  step_cfg, init_fn = train_state.build(config, frozen=frozen, with_disc=with_disc)
   if config.loss.perceptual_weight > 0:
     if lpips_params is None:
-      lpips_params = torch_nets.load_lpips_params(config.loss.lpips_weights)
+      raise ValueError("loss.perceptual_weight > 0: pass the LPIPS params (frozen_weights."
+                       "load_feature_nets(config.loss.lpips_weights)['lpips'])")
     lpips_params = jax.device_put(lpips_params, sharding.replicated(mesh))
   else:
     lpips_params = None  # The step does not use them: don't make it carry them.

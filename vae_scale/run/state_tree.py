@@ -12,8 +12,8 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
-from vae_scale import optim
-from vae_scale import reconcile
+from vae_scale.training import optim
+from vae_scale.run import reconcile
 from vae_scale.errors import ConfigError
 from vae_scale.errors import ConversionError
 

@@ -29,7 +29,8 @@ import threading
 import time
 from typing import Callable, Iterator
 
-PREEMPTED_EXIT_CODE = 42
+from vae_scale.errors import PREEMPTED_EXIT_CODE  # Stdlib only, like this module.
+
 FAULT_ENV = "VAE_SCALE_SIGTERM_AT"
 
 

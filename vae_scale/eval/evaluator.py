@@ -4,30 +4,28 @@ Over the eval set (`data.pipeline.eval_batches`: every process the same number o
 share padded with weight-0 images): PSNR and SSIM (mean and std over images), mean L1, KL per latent
 channel, and the latent mean/std (overall and per channel; 1/std is the scale factor a diffusion
 model would use), and image grids of the first batch. Given LPIPS params: LPIPS (mean and std);
-given Inception params: rFID between the held-out images and their reconstructions (`rfid`).
+given Inception params: rFID between the held-out images and their reconstructions (`fid`).
 Reconstructions are clipped to [-1, 1] for every metric, as a saved image would be.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
-from PIL import Image
 
-from vae_scale import losses
-from vae_scale import metrics
+from vae_scale.training import losses
+from vae_scale.training import metrics
 from vae_scale import models
-from vae_scale import rfid
-from vae_scale import sharding
+from vae_scale.eval import fid
+from vae_scale.eval import report
+from vae_scale.training import sharding
 from vae_scale.data import pipeline
 from vae_scale.errors import ConfigError
 from vae_scale.errors import DataError
@@ -110,21 +108,6 @@ def grids(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, graphdef:
   return {k: v.astype(jnp.float32) for k, v in out.items()}
 
 
-def tile(rows: np.ndarray) -> np.ndarray:
-  """Images [R, C, H, W, 3] in [-1, 1] -> one uint8 grid [R*H, C*W, 3]."""
-  rows = np.clip((np.asarray(rows, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-  r, c, h, w, ch = rows.shape
-  return rows.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, ch)
-
-
-def write_png(path: epath.Path, grid: np.ndarray) -> None:
-  """Writes a uint8 [H, W, 3] grid as a PNG (local or gs://)."""
-  buf = io.BytesIO()
-  Image.fromarray(grid).save(buf, format="PNG")
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(path).write_bytes(buf.getvalue())
-
-
 class Evaluator:
   """Compiled once per run; `__call__` evaluates params on the held-out set.
 
@@ -132,8 +115,8 @@ class Evaluator:
     config: the run config (global_batch_size, num_eval_images, model, seed).
     mesh: the data mesh (batches are split over it, params replicated).
     kinds: which grids to draw (a subset of GRIDS).
-    lpips_params: LPIPS-VGG params (`torch_nets.load_lpips_params`): adds `lpips`, or None.
-    inception_params: pytorch-fid Inception params (`torch_nets.load_inception_params`): adds
+    lpips_params: LPIPS-VGG params (`frozen_weights.load_lpips_params`): adds `lpips`, or None.
+    inception_params: pytorch-fid Inception params (`frozen_weights.load_inception_params`): adds
       `rfid`, or None.
     log_every_batches: log progress (done/total, images/s, ETA) every this many batches; 0: never.
   Raises:
@@ -178,8 +161,8 @@ class Evaluator:
     """
     totals, moments, shown = None, metrics.Moments.empty(self._model_cfg.z_channels), None
     num_batches = pipeline.num_eval_batches(self._config, process_count)
-    progress = rfid.Progress(num_batches, self._log_every)
-    features = rfid.RFID() if "inception" in self._nets else None
+    progress = report.Progress(num_batches, self._log_every)
+    features = fid.RFID() if "inception" in self._nets else None
     batches: Iterable = pipeline.eval_batches(self._config, dataset, process_count)
     for i, local in enumerate(batches, 1):
       batch = sharding.global_batch(local, self._mesh)
@@ -187,7 +170,7 @@ class Evaluator:
         shown = self._grids(params, batch, jax.random.key(self._config.seed))
       sums, feats = self._sums(params, batch, self._nets)
       if features is not None:  # This process's rows only; all processes merge at the end.
-        features.add(*(rfid.local_rows(feats[k]) for k in ("real", "fake", "weight")))
+        features.add(*(fid.local_rows(feats[k]) for k in ("real", "fake", "weight")))
       s = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(sums))
       moments = moments.merge(metrics.Moments(float(s["lat_n"]), s["lat_mean"], s["lat_m2"]))
       s = {k: v for k, v in s.items() if not k.startswith("lat_")}
@@ -211,13 +194,4 @@ class Evaluator:
     if features is not None:
       result["rfid"] = features.compute(process_count)[0]
     result.update(metrics.latent_summary(moments))
-    return result, {k: tile(v) for k, v in jax.device_get(shown).items()}
-
-
-def scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
-  """The scalar metrics of a result for TensorBoard: floats, plus one per latent channel."""
-  out = {f"{prefix}/{k}": v for k, v in result.items() if isinstance(v, float)}
-  for c, (kl, std) in enumerate(zip(result["kl_per_channel"], result["latent_std_per_channel"])):
-    out[f"{prefix}/kl_channel_{c}"] = kl
-    out[f"{prefix}/latent_std_channel_{c}"] = std
-  return out
+    return result, {k: report.tile(v) for k, v in jax.device_get(shown).items()}

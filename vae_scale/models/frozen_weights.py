@@ -1,0 +1,155 @@
+"""The frozen feature networks' weights (LPIPS-VGG, pytorch-fid's Inception): the one loader.
+
+Each network's weights are converted once into one safetensors file whose metadata names it
+({"vae_scale_net": ...}) by `python -m vae_scale.convert lpips|inception` (`interop.torch_convert`,
+the only code that reads PyTorch files). Training and evaluation read only those files, here, each
+checked name by name and shape by shape before anything compiles. `load_feature_nets` is what a run
+or an evaluation calls: the networks its config (or flags) ask for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Mapping
+
+import numpy as np
+import safetensors.numpy
+from etils import epath
+
+from vae_scale.errors import ConversionError
+from vae_scale.interop.safetensors_io import PICKLE_SUFFIXES
+from vae_scale.models import inception
+from vae_scale.models import lpips
+
+NET_KEY = "vae_scale_net"  # safetensors metadata entry naming the network.
+LPIPS_NET = "lpips_vgg_v0.1"
+INCEPTION_NET = "pytorch_fid_inception_2015_12_05"
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+_MAX_LISTED = 5
+
+
+def lpips_command(out: str = "FILE") -> str:
+  return f"python -m vae_scale.convert lpips --out={out}"
+
+
+def inception_command(out: str = "FILE") -> str:
+  return f"python -m vae_scale.convert inception --src={INCEPTION_FILE} --out={out}"
+
+
+def check_tensors(tensors: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], path: str,
+           what: str, how: str) -> None:
+  """Raises a one-line ConversionError naming missing, unexpected and mis-shaped entries."""
+  missing = sorted(set(expected) - set(tensors))
+  extra = sorted(set(tensors) - set(expected))
+  shaped = [f"{k} {tuple(np.shape(tensors[k]))} (expected {expected[k]})" for k in sorted(expected)
+            if k in tensors and tuple(np.shape(tensors[k])) != expected[k]]
+  problems = ([f"missing {missing[:_MAX_LISTED]}"] if missing else []) + (
+      [f"unexpected {extra[:_MAX_LISTED]}"] if extra else []) + shaped[:_MAX_LISTED]
+  if problems:
+    raise ConversionError(f"{path} does not hold {what}: {'; '.join(problems)}; {how}")
+
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def _looks_like_pickle(path: str) -> bool:
+  if path.lower().endswith(PICKLE_SUFFIXES):
+    return True
+  head = epath.Path(path).open("rb").read(2)
+  return head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save's zip, or a raw pickle stream.
+
+
+def _safetensors_metadata(path: str) -> dict[str, str] | None:
+  """The `__metadata__` of a safetensors header; None when the file isn't safetensors."""
+  with epath.Path(path).open("rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      return None
+    (size,) = struct.unpack("<Q", head)
+    if size > 100_000_000:
+      return None
+    try:
+      header = json.loads(f.read(size))
+    except ValueError:
+      return None
+  if not isinstance(header, dict):
+    return None
+  return header.get("__metadata__") or {}
+
+
+def _load(path: str, net: str, what: str, command: str,
+          expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  path = os.fspath(path)
+  make = f"make it with: {command}"
+  if not epath.Path(path).exists():
+    raise ConversionError(f"{path} does not exist; {make}")
+  # The header is parsed before any pickle sniffing: a safetensors file starts with its header's
+  # length, whose low byte can be 0x80 (a pickle's first byte) by chance.
+  meta = None if path.lower().endswith(PICKLE_SUFFIXES) else _safetensors_metadata(path)
+  if meta is None and _looks_like_pickle(path):
+    raise ConversionError(f"{path} is a pickle-based PyTorch file, which vae_scale never "
+                          f"unpickles; convert it once to safetensors: {command}")
+  if meta is None:
+    raise ConversionError(f"{path} is not a safetensors file; {make}")
+  if meta.get(NET_KEY) != net:
+    found = f"{NET_KEY}={meta[NET_KEY]!r}" if NET_KEY in meta else f"no {NET_KEY!r} tag"
+    raise ConversionError(f"{path} is not vae_scale's {what} weights file ({found}, expected "
+                          f"{net!r}); {make}")
+  try:
+    # Not read_safetensors: its pickle sniffing looks at byte 0 before the header (see above).
+    tensors = safetensors.numpy.load(epath.Path(path).read_bytes())
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConversionError(f"{path} could not be read as safetensors ({first}); {make}") from e
+  check_tensors(tensors, expected, path, f"vae_scale's {what} weights", make)
+  return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _out_name(path: str) -> str:
+  path = os.fspath(path)
+  return path if path.endswith(".safetensors") else "FILE.safetensors"
+
+
+def load_lpips_params(path: str) -> dict[str, np.ndarray]:
+  """LPIPS-VGG params from a file `convert_lpips` wrote, checked name by name and shape by shape.
+
+  Returns:
+    Flat {name: float32 numpy} for `vae_scale.models.lpips.lpips_distance` (see `lpips_shapes`).
+
+  Raises:
+    ConversionError: missing file, a pickle, another network's file or wrong shapes (one line
+      naming the file and the command that makes the right one).
+  """
+  return _load(path, LPIPS_NET, "LPIPS-VGG v0.1", lpips_command(_out_name(path)),
+               lpips.lpips_shapes())
+
+
+def load_inception_params(path: str) -> dict[str, np.ndarray]:
+  """pytorch-fid Inception params from a file `convert_inception` wrote, checked like LPIPS's.
+
+  Returns:
+    Flat {name: float32 numpy} for `vae_scale.models.inception.inception_features`.
+
+  Raises:
+    ConversionError: as `load_lpips_params`, with the inception command.
+  """
+  return _load(path, INCEPTION_NET, "pytorch-fid Inception", inception_command(_out_name(path)),
+               inception.inception_shapes())
+
+
+def load_feature_nets(lpips_weights: str = "", inception_weights: str = ""
+                      ) -> dict[str, dict[str, np.ndarray]]:
+  """The frozen networks asked for, by name: 'lpips' and/or 'inception' ('' = not asked for).
+
+  Raises:
+    ConversionError: as `load_lpips_params` / `load_inception_params`.
+  """
+  nets = {}
+  if lpips_weights:
+    nets["lpips"] = load_lpips_params(lpips_weights)
+  if inception_weights:
+    nets["inception"] = load_inception_params(inception_weights)
+  return nets

@@ -1,0 +1,184 @@
+"""The training loop: input, mesh, programs, evaluation and the run's session wired together.
+
+Reads top to bottom like the Flax examples' loop: restore (the stored state or None), plan the
+resume and init what is missing, build the iterator; then for each step: the next batch, the pure
+jitted step, and `session.after_step` (logging and evaluation hooks, then save or stop).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from vae_scale import models
+from vae_scale.config import schema
+from vae_scale.config import serialize
+from vae_scale.data import pipeline
+from vae_scale.data import skipping
+from vae_scale.data import sources
+from vae_scale.eval import evaluator
+from vae_scale.eval import report
+from vae_scale.interop import weights
+from vae_scale.models import frozen_weights
+from vae_scale.run import preemption
+from vae_scale.run import resume
+from vae_scale.run import session as session_lib
+from vae_scale.training import optim
+from vae_scale.training import programs
+from vae_scale.training import sharding
+from vae_scale.training import train_state
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {k: (str(v) if isinstance(v, list) else v) for k, v in serialize.flatten(config).items()}
+
+
+def _frozen(config: ml_collections.ConfigDict, model_cfg: models.AutoencoderConfig) -> Any:
+  if not config.freeze_encoder:
+    return None
+  return jax.tree.map(lambda t: not t, optim.trainable_mask(models.abstract_params(model_cfg),
+                                                            True))
+
+
+class TrainMetrics:
+  """The train steps' metrics since the last log line, merged on the devices; skipped files."""
+
+  def __init__(self, config: ml_collections.ConfigDict, start_step: int):
+    self.config, self.merged, self.skipped = config, None, 0
+    self.since = (start_step, time.time())
+
+  def add(self, metrics: Any, local_batch: dict[str, np.ndarray]) -> None:
+    self.merged = metrics if self.merged is None else self.merged.merge(metrics)
+    self.skipped += int(np.sum(local_batch.get(skipping.SKIPPED_KEY, 0)))
+
+  def flush(self, step: int) -> dict[str, float]:
+    """The scalars to write at `step` (train/*, data/skipped), and starts a new window."""
+    values = {f"train/{k}": float(v) for k, v in self.merged.compute().items()
+              if self.config.disc.enabled or k not in train_state.ADVERSARIAL_METRICS}
+    elapsed = time.time() - self.since[1]
+    values["train/images_per_sec"] = ((step - self.since[0]) * self.config.global_batch_size /
+                                      max(elapsed, 1e-9))
+    skipped = self.skipped
+    if jax.process_count() > 1:  # Unreadable files skipped by all processes since the last write.
+      skipped = int(np.sum(multihost_utils.process_allgather(np.asarray([skipped]))))
+    values["data/skipped"] = skipped
+    self.merged, self.skipped, self.since = None, 0, (step, time.time())
+    return values
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       watch: preemption.Watch | None = None) -> train_state.TrainState:
+  """Trains (or resumes) the autoencoder of `config` in `workdir` and returns the final state.
+
+  Args:
+    config: the run config (validated here against the devices and processes).
+    workdir: the run directory (local or gs://).
+    watch: the process's SIGTERM policy (`main` installs it first thing); None: a fresh one.
+  Raises:
+    ConfigError / DataError / ConversionError: bad config, data or weights, before any compile.
+    Preempted: SIGTERM or a preemption notice arrived; the reached step is saved.
+    NonFiniteError: more than optimizer.max_consecutive_nonfinite non-finite steps in a row.
+  """
+  workdir = str(workdir)
+  process, processes = jax.process_index(), jax.process_count()
+  schema.validate(config, num_devices=jax.device_count(), num_processes=processes)
+  session = session_lib.Session(workdir, config, watch)
+  mesh = sharding.create_mesh()
+  logging.info("Mesh %s over %d devices (%d per process)", dict(mesh.shape), jax.device_count(),
+               jax.local_device_count())
+
+  # Input, weights to start from and the frozen feature networks (LPIPS for the loss and the
+  # evaluation, Inception for rFID) are read and checked first: bad ones fail before any compile.
+  train_source = sources.make_source(config, "train", workdir)
+  eval_ds = pipeline.create_eval_dataset(config, process, processes, workdir=workdir)
+  model_cfg = models.AutoencoderConfig.from_config(config)
+  init_params = weights.load_params(config.init_from, model_cfg) if config.init_from else None
+  nets = frozen_weights.load_feature_nets(config.loss.lpips_weights, config.inception_weights)
+  progs = programs.build(config, mesh, frozen=_frozen(config, model_cfg),
+                         lpips_params=nets.get("lpips"))
+
+  restored = session.restore(abstract_state=progs.abstract_state, replicated=progs.replicated,
+                             data_source=repr(train_source))
+  state = resume.state_from(restored, progs.abstract_state, progs.init, init_params=init_params,
+                            replicated=progs.replicated)
+  if restored is None and init_params is not None:
+    logging.info("Initialized the autoencoder from %s", config.init_from)
+  position = resume.data_position(restored, config, repr(train_source))
+  # This process loads the rows of each global batch that the mesh puts on its devices, from the
+  # global position: the same global batches for any process or device count.
+  train_iter = iter(pipeline.create_train_dataset(
+      config, process, processes, train_source, workdir=workdir, start=position.global_examples,
+      rows=sharding.process_rows(mesh, config.global_batch_size)))
+  start_step = position.step
+  if start_step:
+    logging.info("Resuming at step %d", start_step)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=process > 0,
+                                                asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams(_hparams(config))
+  progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                             writer=writer, every_steps=config.log_every_steps)
+  scorer = evaluator.Evaluator(config, mesh, kinds=("reconstructions",),
+                               lpips_params=nets.get("lpips"),
+                               inception_params=nets.get("inception"))
+  train_metrics = TrainMetrics(config, start_step)
+
+  def evaluate(step: int) -> None:
+    """Evaluates the EMA weights (else the params) on the held-out set; writes the report."""
+    last = step == config.num_train_steps
+    write_images = step % config.image_every_steps == 0 or last
+    params = state.ema_params if state.ema_params is not None else state.params
+    with session.phase("eval"), progress.timed("eval"):
+      result, grids = scorer(params, eval_ds, processes)
+    files = report.publish(writer, step, result,
+                           {"reconstructions": grids["reconstructions"]} if write_images else {},
+                           prefix="eval", png_dir=epath.Path(workdir) / "images",
+                           is_chief=process == 0)
+    if process == 0:
+      report.append_history(workdir, step, result, files.get("reconstructions"))
+
+  def log_and_evaluate(step: int) -> None:
+    last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or last:
+      writer.write_scalars(step, {**train_metrics.flush(step), **session.scalars()})
+    if step % config.eval_every_steps == 0 or step % config.image_every_steps == 0 or last:
+      evaluate(step)
+
+  session.add_hooks([progress] if process == 0 else [])
+  if process == 0 and config.profile_steps:
+    session.add_hooks([periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                                logdir=workdir,
+                                                first_profile=start_step + config.log_every_steps)])
+  session.add_hooks([log_and_evaluate])
+
+  with metric_writers.ensure_flushes(writer):
+    if start_step == 0:
+      evaluate(0)
+    for step in range(start_step, config.num_train_steps):
+      # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
+      variant = "gan" if progs.gan_step is not None and step >= config.disc.start_step else "ae"
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        with session.phase("data"):
+          local = next(train_iter)
+        batch = sharding.global_batch(
+            {k: v for k, v in local.items() if k != skipping.SKIPPED_KEY}, mesh)
+        state, metrics = session.run_step(
+            variant, progs.gan_step if variant == "gan" else progs.ae_step, state, batch)
+      train_metrics.add(metrics, local)
+      session.after_step(step + 1, state, position)
+  summary = session.close()
+  if process == 0:
+    logging.info("Finished at step %d.\n%s", config.num_train_steps,
+                 report.history_summary(report.read_history(workdir)))
+  logging.info("%s", summary)
+  return state

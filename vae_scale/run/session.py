@@ -1,0 +1,180 @@
+"""One process's share of a training run's lifecycle: preemption, goodput and checkpoints.
+
+A `Session` owns what decides whether and how a run goes on: the SIGTERM policy
+(`preemption.Watch`, and JAX's preemption sync point on several processes), the goodput record
+(`goodput.Recorder`) and the Orbax checkpoint manager. The loop talks to it in one vocabulary of
+phases (`PHASES`), which serves both preemption (the fault injection of tests) and goodput:
+
+  startup     process start to the first step (counted by goodput without being entered)
+  restore     reading the checkpoint a run resumes from
+  compile     the first call of each step variant
+  data        waiting for the next batch
+  step        a train step (productive time)
+  eval        an evaluation
+  checkpoint  a save (or waiting for one to commit)
+
+and calls it at three points: `restore` once, `run_step` for each step, `after_step` after each step
+(hooks such as logging and evaluation, then save or stop). A SIGTERM or preemption notice ends the run
+in `after_step`: the reached step is saved and `Preempted` raised (exit 42).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import ml_collections
+from absl import logging
+
+from vae_scale.data import sampler
+from vae_scale.errors import NonFiniteError
+from vae_scale.errors import Preempted
+from vae_scale.run import checkpoints
+from vae_scale.run import goodput
+from vae_scale.run import preemption
+from vae_scale.run import resume
+
+PHASES = ("startup", "restore", "compile", "data", "step", "eval", "checkpoint")
+Hook = Callable[[int], None]
+
+
+class Session:
+  """The lifecycle of one training session of a run, in this process.
+
+  Args:
+    workdir: the run directory (local or gs://).
+    config: the run's config (checkpoint interval and retention, non-finite limit).
+    watch: the process's SIGTERM policy, installed first thing by `main`; None: a fresh one (tests
+      and library use: SIGTERM then keeps its default meaning until a step completes).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict,
+               watch: preemption.Watch | None = None):
+    self.workdir, self.config = str(workdir), config
+    self.watch = watch or preemption.Watch()
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    self.chief = self.process_index == 0
+    self.recorder = goodput.Recorder(self.workdir, enabled=self.chief,
+                                     start_time=self.watch.start_time)
+    self.manager = checkpoints.create_manager(self.workdir, config)
+    self.hooks: list[Hook] = []
+    self._compiled: set[str] = set()
+    self._pending_commit: int | None = None  # A step whose asynchronous save may not be done.
+
+  # ------------------------------------------------------------------------- phases
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    """Marks the block as phase `name` (one of PHASES) for preemption and goodput."""
+    if name not in PHASES:
+      raise ValueError(f"unknown phase {name!r}; use one of {', '.join(PHASES)}")
+    self.watch.phase_entered(name)
+    if name == "step":  # Productive time: what goodput attributes to steps by default.
+      yield
+      return
+    with self.recorder.phase(name):
+      yield
+
+  # ------------------------------------------------------------------------- the three calls
+
+  def restore(self, *, abstract_state: Any, replicated: Any,
+              data_source: str = "") -> resume.Restored | None:
+    """The newest usable checkpoint planned against the config (`resume.restore_latest`), or None;
+    tells goodput where this session starts and JAX's preemption sync where it stands."""
+    with self.phase("restore"):
+      restored = resume.restore_latest(
+          self.manager, config=self.config, workdir=self.workdir, abstract_state=abstract_state,
+          replicated=replicated, data_source=data_source)
+    start = restored.step if restored is not None else 0
+    self.recorder.restored(start)
+    if self.process_count > 1:
+      # Tell JAX's preemption sync where this session starts: a notice that lands before the loop
+      # first asks (during the first evaluation) is then agreed for a step still ahead, not for
+      # step 1 of a run resumed at a later one (observed: the notice was lost, the run went on).
+      self.manager.reached_preemption(start)
+    return restored
+
+  def run_step(self, variant: str, step_fn: Callable[[Any, Any], tuple[Any, Any]], state: Any,
+               batch: Any) -> tuple[Any, Any]:
+    """`step_fn(state, batch)`; its first call per `variant` is the compile phase (timed to the
+    end of the step), the others the step phase (dispatched asynchronously)."""
+    if variant in self._compiled:
+      with self.phase("step"):
+        return step_fn(state, batch)
+    with self.phase("compile"):
+      out = step_fn(state, batch)
+      jax.block_until_ready(out[1])
+    self._compiled.add(variant)
+    return out
+
+  def after_step(self, step: int, state: Any, data_position: sampler.DataPosition) -> None:
+    """After `step` steps: the hooks (logging, evaluation), then save on the checkpoint interval,
+    at the last step and when preempted.
+
+    Raises:
+      NonFiniteError: optimizer.max_consecutive_nonfinite steps in a row were not finite.
+      Preempted: a SIGTERM or preemption notice arrived; `step` was saved.
+    """
+    self.watch.steps_completed()
+    self.recorder.step_end(step)
+    self._note_commit()
+    self._check_finite(step, state)
+    for hook in self.hooks:
+      hook(step)
+    preempted = (self.watch.requested() if self.process_count == 1
+                 else self.manager.reached_preemption(step))
+    last = step == self.config.num_train_steps
+    if (step % self.config.checkpoint_every_steps == 0 or last or preempted) and (
+        self.manager.latest_step() != step):
+      with self.phase("checkpoint"):
+        checkpoints.save(self.manager, step, state, data_position, self.config)
+      if self._pending_commit is not None:  # Orbax finishes a save before it starts the next.
+        self.recorder.checkpoint_committed(self._pending_commit)
+      self._pending_commit = step
+      self.recorder.flush()
+    if preempted:
+      self.wait_for_saves()
+      logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.", step,
+                      self.manager.directory)
+      raise Preempted(step)
+
+  # ------------------------------------------------------------------------- the rest
+
+  def scalars(self) -> dict[str, float]:
+    """The run's goodput so far ('goodput/...'; {} on processes other than 0); writes its record."""
+    return self.recorder.flush()
+
+  def wait_for_saves(self) -> None:
+    """Waits until every save started has committed."""
+    with self.phase("checkpoint"):
+      self.manager.wait_until_finished()
+    self._note_commit()
+
+  def close(self) -> str:
+    """Waits for the saves, closes the manager and the goodput record; returns goodput's summary."""
+    self.wait_for_saves()
+    self.manager.close()
+    self.recorder.close()
+    return self.recorder.summary()
+
+  def _note_commit(self) -> None:
+    """Tells goodput about a checkpoint once it has committed (a later session may restore it)."""
+    if self._pending_commit is not None and not self.manager.is_saving_in_progress():
+      self.recorder.checkpoint_committed(self._pending_commit)
+      self._pending_commit = None
+
+  def _check_finite(self, step: int, state: Any) -> None:
+    limit = self.config.optimizer.max_consecutive_nonfinite
+    if not limit or int(state.opt_state.notfinite_count) < limit:
+      return
+    self.wait_for_saves()
+    raise NonFiniteError(
+        f"{int(state.opt_state.notfinite_count)} consecutive steps up to step {step} had a "
+        f"non-finite loss or gradient (optimizer.max_consecutive_nonfinite={limit}); those updates "
+        f"were skipped, and the latest checkpoint {self.manager.latest_step()} holds the last good "
+        "state. Lower the learning rate, enable optimizer.grad_clip_norm, or check the data.")
+
+  def add_hooks(self, hooks: Sequence[Hook]) -> None:
+    """Hooks called with the step after each step, before the save (in order)."""
+    self.hooks.extend(hooks)
