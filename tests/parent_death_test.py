@@ -94,6 +94,7 @@ def test_without_either_the_processes_outlive_their_launcher():
   assert _kill_launcher("none", wait_s=1.0) == {"worker": True, "child": True}
 
 
+@pytest.mark.slow
 def test_the_watchdog_spares_what_the_launcher_reaped():
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                              start_new_session=True)
