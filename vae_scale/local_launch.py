@@ -26,9 +26,10 @@ Exit codes (shell convention: a process that died of signal N counts as 128 + N)
        saved a checkpoint) or died of that SIGTERM before it could handle it (its latest
        complete checkpoint stands): rerun the same command to resume.
   N    otherwise the code of the FIRST process that failed, e.g. 2 (bad config, data or
-       weights: don't rerun), 3 (too many non-finite steps: don't rerun), 42 (a process was
-       preempted on its own: rerun), 143 (a process died of SIGTERM), 137 (a process was
-       killed: SIGKILL, the out-of-memory killer, or it outlived --grace_seconds), 1 (a crash).
+       weights, or a workdir another live run holds: don't rerun), 3 (too many non-finite
+       steps: don't rerun), 42 (a process was preempted on its own: rerun), 143 (a process
+       died of SIGTERM), 137 (a process was killed: SIGKILL, the out-of-memory killer, or it
+       outlived --grace_seconds), 1 (a crash).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def shell_code(returncode: int) -> int:
 
 def describe(code: int) -> str:
   """One word or phrase for an exit code (shell convention)."""
-  known = {0: "finished", 2: "bad config, data or weights", 3: "too many non-finite steps",
+  known = {0: "finished", 2: "bad config, data or weights, or workdir in use",
+           3: "too many non-finite steps",
            PREEMPTED_EXIT_CODE: "preempted, checkpoint saved"}
   if code in known:
     return known[code]
