@@ -2,8 +2,8 @@
 
 Library code raises these; `vae_scale.cli.run` turns any of them into one line on stderr and the
 class's exit code, so every tool (train, evaluate, encode, convert, bench) agrees on what the codes
-mean: 0 done · 2 bad config, data or weights, or a workdir another run holds (nothing compiled, nothing
-lost) · 3 too many non-finite steps · 42 preempted (rerun the same command).
+mean: 0 done · 2 bad config, data or weights, or a workdir another run holds (nothing compiled,
+nothing lost) · 3 too many non-finite steps · 42 preempted (rerun the same command).
 """
 
 from __future__ import annotations
