@@ -367,8 +367,9 @@ remote_run() {
 # Sets RUN_STATUS from every worker's "vae_status HOST STATE" line:
 #   running  training is running (workers that already exited 0 are finishing)
 #   done     every worker exited 0
-#   fatal    a worker exited 2 (bad config or input) or 3 (training diverged: too many
-#            non-finite steps); rerunning will not help. RUN_DETAIL is that exit code.
+#   fatal    a worker exited 2 (bad config or input, or the workdir leased to another live
+#            run) or 3 (training diverged: too many non-finite steps); rerunning will not
+#            help. RUN_DETAIL is that exit code.
 #   rerun    a worker exited otherwise (42 preempted, a crash) or has no run: start it again
 #   unknown  no answer (ssh failed; the slice may be going away)
 worker_status() {
@@ -538,7 +539,8 @@ cmd_watch() {
           case "${RUN_STATUS}" in
             done) log "training finished"; finish 0 ;;
             fatal)
-              log "training exited ${RUN_DETAIL} (2: bad config or input, 3: diverged); not rerunning"
+              log "training exited ${RUN_DETAIL} (2: bad config or input, or workdir in use;" \
+                "3: diverged); not rerunning"
               finish "${RUN_DETAIL}"
               ;;
             rerun)

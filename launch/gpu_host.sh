@@ -6,11 +6,12 @@
 #   launch/gpu_host.sh --config=configs/pods.py:gpu8 --workdir=/checkpoints/run1 \
 #       --config.data.path=/data/images
 #
-# Exit codes: 0 finished; 2 bad config, data or weights and 3 diverged (too many non-finite
-# steps): not rerun, fix the cause first; 42 stopped by SIGTERM/Ctrl-C to this script after
-# training saved what it could (or VAE_MAX_RESTARTS reruns used up): run the same command to
-# resume. Training that exits 42, or dies of SIGTERM (143) before it can handle the signal, is
-# rerun. Anything else is a crash, passed on as it is (137: killed, e.g. out of memory).
+# Exit codes: 0 finished; 2 bad config, data or weights, or a workdir leased to another live
+# run, and 3 diverged (too many non-finite steps): not rerun, fix the cause first; 42 stopped by
+# SIGTERM/Ctrl-C to this script after training saved what it could (or VAE_MAX_RESTARTS reruns
+# used up): run the same command to resume. Training that exits 42, or dies of SIGTERM (143)
+# before it can handle the signal, is rerun. Anything else is a crash, passed on as it is (137:
+# killed, e.g. out of memory).
 # Environment: VAE_PYTHON (default python), VAE_MAX_RESTARTS (default 20),
 # VAE_RESTART_DELAY seconds between reruns (default 10). Install first: pip install -e '.[cuda]'.
 # Several hosts: launch/slurm.sbatch.
@@ -79,7 +80,8 @@ while :; do
       exit 0
       ;;
     2)
-      echo "gpu_host.sh: vae_scale.main exited 2 (bad config, data or weights); not rerunning" >&2
+      echo "gpu_host.sh: vae_scale.main exited 2 (bad config, data or weights, or workdir in use);" \
+        "not rerunning" >&2
       exit 2
       ;;
     3)

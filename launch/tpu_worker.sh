@@ -11,7 +11,8 @@
 # Exit codes of vae_scale.main that the status line reports (shell convention: 128+N for a
 # death by signal N): 0 finished; 42 preempted (it saved a checkpoint on SIGTERM) or 143 (it died
 # of SIGTERM before it could handle it; its latest checkpoint stands): rerun the same command to
-# resume; 2 bad config, data or weights and 3 diverged (too many non-finite steps): do not rerun.
+# resume; 2 bad config, data or weights, or a workdir leased to another live run, and 3 diverged
+# (too many non-finite steps): do not rerun.
 # launch/gcp.sh watch acts on them that way.
 #
 # Paths (override for tests or unusual images): VAE_HOME (~/vae_scale, the clone),

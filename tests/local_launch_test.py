@@ -23,10 +23,12 @@ pytestmark = pytest.mark.slow
 #   slow:N       like term_exit:N, but only after 1 s of "start-up" without a handler
 #   stubborn     wait, ignoring SIGTERM (only SIGKILL ends it)
 #   die:SIG      kill itself with signal SIG (TERM, KILL), timed like exit:N
-# Every process writes argv-I (its argv and environment), ready-I once its behaviour is in place,
-# and signal-I with the names of the signals it handled.
+#   family       like term_exit:42, with a child process in its group (as Grain's workers are)
+#                whose pid it writes to child-I
+# Every process writes argv-I (its argv, pid and environment), ready-I once its behaviour is in
+# place, and signal-I with the names of the signals it handled.
 FAKE_MAIN = r'''
-import json, os, signal, sys, time
+import json, os, signal, subprocess, sys, time
 
 
 args = sys.argv[1:]
@@ -39,7 +41,8 @@ def write(name, text, mode="w"):
   with open(os.path.join(out, f"{name}-{pid}"), mode) as f:
     f.write(text)
 
-write("argv", json.dumps({"argv": args, "xla_flags": os.environ.get("XLA_FLAGS"),
+write("argv", json.dumps({"argv": args, "pid": os.getpid(),
+                          "xla_flags": os.environ.get("XLA_FLAGS"),
                           "platforms": os.environ.get("JAX_PLATFORMS"),
                           "session": os.getsid(0) == os.getpid()}))
 
@@ -56,7 +59,8 @@ def wait_for_peers():
   # Ends only once the waiting peers have their handlers in place, so that what they do with
   # the launcher's SIGTERM does not depend on how fast a loaded machine starts them.
   plan = os.environ["FAKE_PLAN"].split(",")
-  waiting = [i for i, k in enumerate(plan) if k.split(":")[0] in ("term_exit", "stubborn", "hang")]
+  waiting = [i for i, k in enumerate(plan)
+             if k.split(":")[0] in ("term_exit", "stubborn", "hang", "family")]
   deadline = time.monotonic() + 20
   while (not all(os.path.exists(os.path.join(out, f"ready-{i}")) for i in waiting)
          and time.monotonic() < deadline):
@@ -72,8 +76,11 @@ if kind == "die":
   os.kill(os.getpid(), getattr(signal, "SIG" + value))
 if kind == "slow":
   time.sleep(1.0)
-if kind in ("term_exit", "slow"):
-  signal.signal(signal.SIGTERM, exit_on_term(int(value)))
+if kind == "family":
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+  write("child", str(child.pid))
+if kind in ("term_exit", "slow", "family"):
+  signal.signal(signal.SIGTERM, exit_on_term(int(value or 42)))
 elif kind == "stubborn":
   signal.signal(signal.SIGTERM, record)
 write("ready", "")
@@ -220,6 +227,50 @@ def test_stopping_the_launcher_kills_what_outlives_the_grace_period(fake):
   code, err = _finish(proc)
   assert code == 137, err  # Killed, so not "stopped after a checkpoint".
   assert _signals(fake, 1) == ["SIGTERM"]
+
+
+@pytest.mark.parametrize("target", ["launcher", "group"])
+def test_a_killed_launcher_takes_its_processes_and_their_children_with_it(fake, target):
+  # SIGKILL to the launcher alone (the OOM killer) or to its process group (`kill -9 -PGID`, a
+  # batch system): the processes run in their own sessions, so neither reaches them directly.
+  proc = _launch(fake, "family,family")
+  _wait_ready(fake, 2)
+  pids = [json.loads((fake / f"argv-{i}").read_text())["pid"] for i in range(2)]
+  pids += [int((fake / f"child-{i}").read_text()) for i in range(2)]
+  try:
+    assert all(_alive(p) for p in pids)
+    if target == "group":
+      os.killpg(proc.pid, signal.SIGKILL)
+    else:
+      proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    survivors = [p for p in pids if _alive(p)]
+    assert not survivors, f"still running 5 s after the launcher's SIGKILL: {survivors} of {pids}"
+  finally:
+    for p in pids:  # Leave nothing behind, whatever the outcome.
+      try:
+        os.kill(p, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    proc.communicate(timeout=30)
+  # Killed outright, not asked to save: a SIGKILLed launcher's grace period is gone.
+  assert _signals(fake, 0) == _signals(fake, 1) == []
+
+
+def _alive(pid: int) -> bool:
+  """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      return f.read().rpartition(")")[2].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
 
 
 # -- launch/local.sh wraps the launcher ---------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Library code raises these; `vae_scale.cli.run` turns any of them into one line on stderr and the
 class's exit code, so every tool (train, evaluate, encode, convert, bench) agrees on what the codes
-mean: 0 done · 2 bad config, data or weights (nothing compiled, nothing lost) · 3 too many non-finite
-steps · 42 preempted (rerun the same command).
+mean: 0 done · 2 bad config, data or weights, or a workdir another run holds (nothing compiled,
+nothing lost) · 3 too many non-finite steps · 42 preempted (rerun the same command).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ BAD_INPUT_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3
 PREEMPTED_EXIT_CODE = 42
 # What each code means, for launchers' messages (shell scripts in launch/ name the same codes).
-EXIT_MEANINGS = {0: "finished", BAD_INPUT_EXIT_CODE: "bad config, data or weights",
+EXIT_MEANINGS = {0: "finished",
+                 BAD_INPUT_EXIT_CODE: "bad config, data or weights, or a workdir in use",
                  NONFINITE_EXIT_CODE: "too many non-finite steps",
                  PREEMPTED_EXIT_CODE: "preempted, checkpoint saved"}
 
@@ -37,6 +38,13 @@ class DataError(Error, ValueError):
 
 class ConversionError(Error, ValueError):
   """Weights that cannot be converted or loaded. The message names the file and what to do."""
+
+  exit_code = BAD_INPUT_EXIT_CODE
+
+
+class LeaseError(Error, RuntimeError):
+  """The workdir's lease is held by another live run, or this run lost it to another. The message
+  names the holder and what to do; rerunning the same command would meet the same holder."""
 
   exit_code = BAD_INPUT_EXIT_CODE
 

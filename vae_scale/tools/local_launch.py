@@ -15,6 +15,10 @@ Supervision:
     the rest hanging.
   * Processes still running `--grace_seconds` after their SIGTERM are killed (SIGKILL, with
     their own children such as Grain workers).
+  * If the launcher dies without that chance (SIGKILL, the out-of-memory killer), its processes
+    die with it within a moment, with their own children: SIGKILL from the kernel (Linux's
+    parent-death signal) and from a watchdog process (vae_scale/tools/parent_death.py, also on
+    macOS). They lose the steps since their latest checkpoint; a rerun resumes from it.
 
 Exit codes (shell convention: a process that died of signal N counts as 128 + N):
   0    every process finished.
@@ -22,9 +26,10 @@ Exit codes (shell convention: a process that died of signal N counts as 128 + N)
        saved a checkpoint) or died of that SIGTERM before it could handle it (its latest
        complete checkpoint stands): rerun the same command to resume.
   N    otherwise the code of the FIRST process that failed, e.g. 2 (bad config, data or
-       weights: don't rerun), 3 (too many non-finite steps: don't rerun), 42 (a process was
-       preempted on its own: rerun), 143 (a process died of SIGTERM), 137 (a process was
-       killed: SIGKILL, the out-of-memory killer, or it outlived --grace_seconds), 1 (a crash).
+       weights, or a workdir another live run holds: don't rerun), 3 (too many non-finite
+       steps: don't rerun), 42 (a process was preempted on its own: rerun), 143 (a process
+       died of SIGTERM), 137 (a process was killed: SIGKILL, the out-of-memory killer, or it
+       outlived --grace_seconds), 1 (a crash).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
+
+from vae_scale.tools import parent_death
 
 from vae_scale import errors  # Stdlib only, like this module: the launcher imports no JAX.
 from vae_scale.errors import PREEMPTED_EXIT_CODE
@@ -129,13 +136,15 @@ def _kill(p: subprocess.Popen) -> None:
 
 
 def supervise(procs: Sequence[subprocess.Popen], grace_seconds: float,
-              stop: threading.Event | None = None) -> int:
+              stop: threading.Event | None = None,
+              on_exit: Callable[[subprocess.Popen], None] | None = None) -> int:
   """Waits for all processes, stopping the rest when one fails or when `stop` is set.
 
   Args:
     procs: the started processes.
     grace_seconds: how long processes have after their SIGTERM before they are killed.
     stop: set (e.g. by a signal handler) to send every process SIGTERM: a preemption.
+    on_exit: called once for each process, when it has exited and been reaped.
   Returns:
     The launcher's exit code (see `exit_code`).
   """
@@ -145,6 +154,8 @@ def supervise(procs: Sequence[subprocess.Popen], grace_seconds: float,
     for i, p in enumerate(procs):
       if i not in exited and p.poll() is not None:
         exited[i] = p.returncode
+        if on_exit is not None:
+          on_exit(p)
     if stop is not None and stop.is_set() and not stopped:
       stopped = True
       _terminate(procs)
@@ -187,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
   main_args = [a for a in args.main_args if a != "--"]
   port = args.port or free_port()
   env = process_env(args.devices_per_process)
+  # Before any process, and all from this (main) thread: the parent-death signal is tied to the
+  # thread that forks, and the watchdog must know every process from its first moment.
+  watchdog = parent_death.Watchdog()
+  preexec = parent_death.death_signal_preexec()
   stop = threading.Event()
   # Handlers first: a signal while processes start must stop the ones already running.
   previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
@@ -204,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             command(i, args.num_processes, port, main_args, args.heartbeat_timeout_seconds,
                     module=args.module),
             env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True))
+            start_new_session=True, preexec_fn=preexec))
+        watchdog.watch(procs[-1].pid)
       finally:
         if out is not None:
           out.close()  # The process has its own descriptor.
-    code = supervise(procs, args.grace_seconds, stop)
+    code = supervise(procs, args.grace_seconds, stop, on_exit=lambda p: watchdog.reaped(p.pid))
   except BaseException:
     _terminate(procs)
     for p in procs:
@@ -216,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         p.wait(timeout=args.grace_seconds)
       except subprocess.TimeoutExpired:
         _kill(p)
+        p.wait()
+      watchdog.reaped(p.pid)
     raise
   finally:
+    watchdog.close()
     for s, handler in previous.items():
       signal.signal(s, handler)
   codes = ", ".join(f"{shell_code(p.returncode)}" for p in procs)
