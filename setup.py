@@ -29,9 +29,20 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
 ]
 
+# Google Cloud diagnostics (vae_scale/run/cloud.py, imported only when its flags ask for them):
+# stack traces of a hung run (cloud-tpu-diagnostics) and goodput sent to Cloud Logging and Cloud
+# Monitoring (ml-goodput-measurement, which brings the google-cloud-logging/monitoring clients).
+GCP = [
+    "cloud-tpu-diagnostics==0.1.5",
+    "ml-goodput-measurement==0.2.3",
+]
+
 EXTRAS_REQUIRE = {
+    # The tests drive vae_scale/run/cloud.py against the real `gcp` libraries (nothing reaches
+    # the cloud: their Cloud Logging writer is replaced in the tests).
     "test": [
         "pytest==9.2.0",
+        *GCP,
     ],
     # Independent references for tests and side-by-side benchmarks: diffusers (interop), the
     # `lpips` package (LPIPS) and pytorch-fid (rFID). Both of those import torchvision, which
@@ -45,6 +56,7 @@ EXTRAS_REQUIRE = {
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda13]==0.10.2"],
+    "gcp": GCP,
 }
 
 setuptools.setup(

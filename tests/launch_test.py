@@ -6,7 +6,6 @@ import os
 import pathlib
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from conftest import REPO, load_config
+from launch_helpers import executable
 from vae_scale.config import schema
 
 # Every test here starts processes (launcher scripts, stub programs): marked slow as a module.
@@ -109,18 +109,12 @@ def _multislice(call):
   return MS_CREATE if call == CREATE else call
 
 
-def _executable(path: pathlib.Path, text: str) -> pathlib.Path:
-  path.write_text(text)
-  path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-  return path
-
-
 @pytest.fixture
 def fake_gcloud(tmp_path, monkeypatch):
   """Puts the fake gcloud first on PATH; returns its story directory."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _executable(bin_dir / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+  executable(bin_dir / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   monkeypatch.setenv("FAKE_GCLOUD_DIR", str(tmp_path))
   for var in ("VAE_TPU_NAME", "VAE_ZONE", "VAE_PROJECT", "CLOUDSDK_COMPUTE_ZONE",
@@ -413,7 +407,7 @@ def worker(tmp_path, monkeypatch):
   (tmp_path / "clone").mkdir()
   monkeypatch.setenv("VAE_HOME", str(tmp_path / "clone"))
   monkeypatch.setenv("VAE_LOG_DIR", str(tmp_path / "logs"))
-  monkeypatch.setenv("VAE_PYTHON", str(_executable(tmp_path / "python", FAKE_PYTHON)))
+  monkeypatch.setenv("VAE_PYTHON", str(executable(tmp_path / "python", FAKE_PYTHON)))
   monkeypatch.setenv("FAKE_RECORD", str(tmp_path / "record"))
 
   def run(*args, exit_code="0"):
@@ -488,7 +482,7 @@ exit "${code}"
 
 
 def _gpu_host(tmp_path, codes, terminate=False):
-  python = _executable(tmp_path / "python", COUNTING_PYTHON)
+  python = executable(tmp_path / "python", COUNTING_PYTHON)
   env = dict(os.environ, VAE_PYTHON=str(python), VAE_RESTART_DELAY="0", VAE_MAX_RESTARTS="2",
              FAKE_CODES=codes, FAKE_RECORD=str(tmp_path / "record"))
   proc = subprocess.Popen(["bash", str(LAUNCH / "gpu_host.sh"), "--config=configs/pods.py:gpu8",
@@ -549,9 +543,9 @@ echo "scontrol $*" >>"${FAKE_RECORD}"
 def _sbatch(tmp_path, exit_code, restart_count="0", signal_after_start=False, term_exit="143"):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _executable(bin_dir / "srun", FAKE_SRUN)
-  _executable(bin_dir / "scancel", FAKE_SCANCEL)
-  _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+  executable(bin_dir / "srun", FAKE_SRUN)
+  executable(bin_dir / "scancel", FAKE_SCANCEL)
+  executable(bin_dir / "scontrol", FAKE_SCONTROL)
   env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_EXIT=exit_code,
              FAKE_DIR=str(tmp_path), FAKE_RECORD=str(tmp_path / "record"), SLURM_JOB_ID="4242",
              SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NTASKS="32", SLURM_JOB_NUM_NODES="4",
@@ -672,7 +666,7 @@ def test_shellcheck_launch_and_bench_scripts():
   scripts = (sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
              + sorted((REPO / "bench").glob("*.sh")))
   assert {p.name for p in scripts} >= {"gcp.sh", "gpu_host.sh", "slurm.sbatch", "tpu_worker.sh",
-                                       "gpu_suite.sh"}
+                                       "gpu_suite.sh", "xpk.sh", "sky_run.sh"}
   result = subprocess.run([shellcheck, "--shell=bash", *map(str, scripts)], capture_output=True,
                           text=True, timeout=60, check=False)
   assert result.returncode == 0, result.stdout + result.stderr

@@ -372,7 +372,7 @@ def test_storage_trouble_while_renewing_is_retried_not_taken_for_a_loss(tmp_path
 # so the launchers' immediate rerun is not refused.
 PREEMPTED = r'''
 import os, signal, sys, time
-from vae_scale import preemption
+from vae_scale.run import preemption
 from vae_scale.run import lease
 
 watch = preemption.Watch().install()

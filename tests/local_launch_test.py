@@ -111,7 +111,7 @@ def _launch(fake_dir, plan, *launcher_args, script=False, **extra):
     argv = ["bash", str(REPO / "launch" / "local.sh"), str(n), "--module=fake_main",
             "--grace_seconds=2", *launcher_args, "--config=c.py", "--workdir=/tmp/w"]
   else:
-    argv = [sys.executable, "-m", "vae_scale.local_launch", f"--num_processes={n}",
+    argv = [sys.executable, "-m", "vae_scale.tools.local_launch", f"--num_processes={n}",
             "--devices_per_process=2", "--module=fake_main", "--grace_seconds=2",
             *launcher_args, "--", "--config=c.py", "--workdir=/tmp/w"]
   return subprocess.Popen(argv, env=_env(fake_dir, plan, VAE_PYTHON=sys.executable, **extra),
@@ -294,7 +294,7 @@ def test_local_sh_sigterm_is_a_rehearsed_preemption(fake):
 
 
 def test_help_documents_the_exit_codes():
-  result = subprocess.run([sys.executable, "-m", "vae_scale.local_launch", "--help"],
+  result = subprocess.run([sys.executable, "-m", "vae_scale.tools.local_launch", "--help"],
                           capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
   assert result.returncode == 0
   for text in ("Exit codes", "42", "128 + N", "FIRST", "--grace_seconds", "--module"):

@@ -1,0 +1,42 @@
+"""Shared by the launch/ tests: executable stand-ins for the tools a launcher calls."""
+
+import json
+import pathlib
+import stat
+import sys
+
+# Stands in for any command line tool: appends [TOOL, ARGV...] to calls.jsonl in its directory,
+# prints TOOL.out from there if present, and exits with the number in TOOL.exit (default 0).
+_RECORDER = """#!{python}
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+tool = os.path.basename(sys.argv[0])
+with open(os.path.join(here, "calls.jsonl"), "a") as f:
+  f.write(json.dumps([tool] + sys.argv[1:]) + "\\n")
+out = os.path.join(here, tool + ".out")
+if os.path.exists(out):
+  sys.stdout.write(open(out).read())
+code = os.path.join(here, tool + ".exit")
+sys.exit(int(open(code).read()) if os.path.exists(code) else 0)
+"""
+
+
+def executable(path: pathlib.Path, text: str) -> pathlib.Path:
+  """Writes `text` to `path` and makes it executable; returns `path`."""
+  path.write_text(text)
+  path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+  return path
+
+
+def recorders(bin_dir: pathlib.Path, *tools: str) -> pathlib.Path:
+  """Puts a recording stand-in for each of `tools` in `bin_dir` (put it first on PATH)."""
+  bin_dir.mkdir(parents=True, exist_ok=True)
+  for tool in tools:
+    executable(bin_dir / tool, _RECORDER.format(python=sys.executable))
+  return bin_dir
+
+
+def recorded(bin_dir: pathlib.Path) -> list[list[str]]:
+  """The calls the stand-ins in `bin_dir` received, in order: [tool, arg, ...] each."""
+  path = bin_dir / "calls.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
