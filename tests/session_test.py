@@ -4,11 +4,15 @@ compile: a small pytree stands in for the train state)."""
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import flax
 import jax.numpy as jnp
 import pytest
 
+from conftest import REPO
 from conftest import tiny_config
 from vae_scale.data import sampler
 from vae_scale.errors import NonFiniteError
@@ -104,3 +108,58 @@ def test_the_checkpoint_fault_fires_at_the_first_save_not_at_every_step(tmp_path
   session.after_step(4, _state(), _position(config))  # The first save.
   assert sent == [signal.SIGTERM]
   session.close()
+
+
+# --------------------------------------------------------------------------- one run per workdir
+
+
+def _main_argv(workdir, steps):
+  return [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'tests' / 'tiny_config.py'}",
+          f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=2",
+          "--config.log_every_steps=2", "--config.eval_every_steps=1000",
+          "--config.image_every_steps=1000", f"--workdir={workdir}"]
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+              JAX_PLATFORMS="cpu")
+
+
+def _files(root):
+  """{relative path: bytes} of every file under `root`."""
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      with open(os.path.join(d, n), "rb") as f:
+        out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+  return out
+
+
+@pytest.mark.slow
+def test_a_live_runs_workdir_refuses_a_second_run_and_a_killed_ones_is_taken_over(tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen(_main_argv(workdir, 100_000), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not checkpoints.list_steps(workdir) and time.time() < deadline:
+      time.sleep(0.5)
+    assert checkpoints.list_steps(workdir), "the first run saved no checkpoint"
+    os.kill(holder.pid, signal.SIGSTOP)  # Alive but still: the workdir must not change below.
+    time.sleep(1.0)  # Let a save under way reach the disk.
+    before = _files(workdir)
+    second = subprocess.run(_main_argv(workdir, 6), env=_env(), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 2, second.stderr[-2000:]
+    (line,) = [l for l in second.stderr.splitlines() if l.startswith("error:")]
+    assert f"kill -TERM {holder.pid}" in line and "another --workdir" in line, line
+    assert _files(workdir) == before  # Nothing written: no events, goodput, checkpoints, lease.
+  finally:
+    holder.kill()  # SIGKILL: the lease stays behind, its holder dead.
+    holder.wait()
+  saved = checkpoints.list_steps(workdir)[-1]
+  rerun = subprocess.run(_main_argv(workdir, saved + 2), env=_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "Took over the lease" in rerun.stderr and f"Resuming at step {saved}" in rerun.stderr
+  assert checkpoints.list_steps(workdir)[-1] == saved + 2

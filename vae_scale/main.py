@@ -2,8 +2,9 @@ r"""Trains a KL autoencoder; rerunning the same command in the same workdir resu
 
   python -m vae_scale.main --config=configs/ldm_f8.py --workdir=DIR [--config.FIELD=VALUE ...]
 
-Exit codes: 0 done; 2 bad config or data (nothing compiled, nothing lost); 42 preempted (a
-checkpoint of the reached step was saved: rerun the same command); 3 too many non-finite steps.
+Exit codes: 0 done; 2 bad config or data, or a workdir another live run holds (nothing compiled,
+nothing lost); 42 preempted (a checkpoint of the reached step was saved: rerun the same command);
+3 too many non-finite steps.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (local path or gs://): checkpoints, TensorBoard events, image "
     "grids. Rerunning in the same workdir resumes from its latest checkpoint.")
+_FORCE_LEASE = flags.DEFINE_bool(
+    "force_lease", False, "Take the workdir's lease from the run holding it. A run whose holder "
+    "died is taken over by itself (at once on the same machine, else once its heartbeat is 120 s "
+    "old); use this only when you know the holder is gone, and never leave it in a command that "
+    "reruns (a second live run would then interleave checkpoints with the first).")
 
 
 class _QuietLibraries:
@@ -37,7 +43,7 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
-def main(argv: list[str], distributed: dict, watch) -> int:
+def main(argv: list[str], distributed: dict, diagnostics: dict, watch) -> int:
   """Validates the config, starts jax.distributed, trains; errors reach `cli.run` as one line."""
   if len(argv) > 1:
     raise cli.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -45,22 +51,29 @@ def main(argv: list[str], distributed: dict, watch) -> int:
   # pylint: disable=g-import-not-at-top
   import jax
   from vae_scale.config import schema
+  from vae_scale.run import cloud
   from vae_scale.run import loop
+  from vae_scale.run import session
   # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
   schema.validate(config)  # Before touching devices: a typo costs a second, not a pod start.
+  options = session.Options(force_lease=_FORCE_LEASE.value,
+                            cloud=cloud.options_from_flags(diagnostics))
+  cloud.check_installed(options.cloud)
   cli.init_distributed(distributed, watch)
   logging.info("Process %d of %d; %d local devices, %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   logging.info("Local devices: %s", jax.local_devices())
   logging.info("Config:\n%s", config)
-  loop.train_and_evaluate(config, _WORKDIR.value, watch)
+  loop.train_and_evaluate(config, _WORKDIR.value, watch, options)
   return 0
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
   _DISTRIBUTED = cli.define_distributed_flags()
-  cli.run(lambda argv: main(argv, _DISTRIBUTED, _WATCH))
+  from vae_scale.run import cloud as _cloud  # pylint: disable=g-import-not-at-top  (no JAX)
+  _DIAGNOSTICS = _cloud.define_flags()
+  cli.run(lambda argv: main(argv, _DISTRIBUTED, _DIAGNOSTICS, _WATCH))
   sys.exit(0)

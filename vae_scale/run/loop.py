@@ -76,22 +76,31 @@ class TrainMetrics:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       watch: preemption.Watch | None = None) -> train_state.TrainState:
+                       watch: preemption.Watch | None = None,
+                       options: session_lib.Options | None = None) -> train_state.TrainState:
   """Trains (or resumes) the autoencoder of `config` in `workdir` and returns the final state.
 
   Args:
     config: the run config (validated here against the devices and processes).
     workdir: the run directory (local or gs://).
     watch: the process's SIGTERM policy (`main` installs it first thing); None: a fresh one.
+    options: the operator's flags for the session (lease, diagnostics); None: the defaults.
   Raises:
     ConfigError / DataError / ConversionError: bad config, data or weights, before any compile.
+    LeaseError: another live run holds the workdir (nothing written).
     Preempted: SIGTERM or a preemption notice arrived; the reached step is saved.
     NonFiniteError: more than optimizer.max_consecutive_nonfinite non-finite steps in a row.
   """
   workdir = str(workdir)
-  process, processes = jax.process_index(), jax.process_count()
-  schema.validate(config, num_devices=jax.device_count(), num_processes=processes)
-  session = session_lib.Session(workdir, config, watch)
+  schema.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  with session_lib.Session(workdir, config, watch, options) as session:
+    return _train(config, workdir, session)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           session: session_lib.Session) -> train_state.TrainState:
+  """The loop of `train_and_evaluate` inside its session."""
+  process, processes = session.process_index, session.process_count
   mesh = sharding.create_mesh()
   logging.info("Mesh %s over %d devices (%d per process)", dict(mesh.shape), jax.device_count(),
                jax.local_device_count())

@@ -1,9 +1,12 @@
-"""One process's share of a training run's lifecycle: preemption, goodput and checkpoints.
+"""One process's share of a training run's lifecycle: the workdir's lease, preemption, goodput and
+checkpoints.
 
-A `Session` owns what decides whether and how a run goes on: the SIGTERM policy
+A `Session` owns what decides whether and how a run goes on: the lease on the workdir (process 0
+holds it; a second run on a live workdir is refused before anything is written), the SIGTERM policy
 (`preemption.Watch`, and JAX's preemption sync point on several processes), the goodput record
-(`goodput.Recorder`) and the Orbax checkpoint manager. The loop talks to it in one vocabulary of
-phases (`PHASES`), which serves both preemption (the fault injection of tests) and goodput:
+(`goodput.Recorder`, mirrored to Cloud Logging when asked), the hang diagnostics when asked, and the
+Orbax checkpoint manager. The loop talks to it in one vocabulary of phases (`PHASES`), which serves
+both preemption (the fault injection of tests) and goodput:
 
   startup     process start to the first step (counted by goodput without being entered)
   restore     reading the checkpoint a run resumes from
@@ -21,6 +24,7 @@ in `after_step`: the reached step is saved and `Preempted` raised (exit 42).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -28,10 +32,13 @@ import ml_collections
 from absl import logging
 
 from vae_scale.data import sampler
+from vae_scale.errors import LeaseError
 from vae_scale.errors import NonFiniteError
 from vae_scale.errors import Preempted
 from vae_scale.run import checkpoints
+from vae_scale.run import cloud
 from vae_scale.run import goodput
+from vae_scale.run import lease as lease_lib
 from vae_scale.run import preemption
 from vae_scale.run import resume
 
@@ -39,28 +46,86 @@ PHASES = ("startup", "restore", "compile", "data", "step", "eval", "checkpoint")
 Hook = Callable[[int], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How this process runs its session, from main's flags; nothing of it is stored with the run.
+
+  Attributes:
+    force_lease: take the workdir's lease from its holder (--force_lease: the operator knows that
+      run is gone).
+    cloud: hang diagnostics and goodput in Cloud Monitoring (`run.cloud`, opt-in flags).
+  """
+
+  force_lease: bool = False
+  cloud: cloud.Options = dataclasses.field(default_factory=cloud.Options)
+
+
 class Session:
-  """The lifecycle of one training session of a run, in this process.
+  """The lifecycle of one training session of a run, in this process; a context manager whose
+  exit releases the lease and the diagnostics however the session ends.
 
   Args:
     workdir: the run directory (local or gs://).
     config: the run's config (checkpoint interval and retention, non-finite limit).
     watch: the process's SIGTERM policy, installed first thing by `main`; None: a fresh one (tests
       and library use: SIGTERM then keeps its default meaning until a step completes).
+    options: the operator's flags (`Options`); None: the defaults.
+  Raises:
+    LeaseError: another live run holds the workdir (nothing was written to it).
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict,
-               watch: preemption.Watch | None = None):
+               watch: preemption.Watch | None = None, options: Options | None = None):
     self.workdir, self.config = str(workdir), config
     self.watch = watch or preemption.Watch()
+    options = options or Options()
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.chief = self.process_index == 0
-    self.recorder = goodput.Recorder(self.workdir, enabled=self.chief,
-                                     start_time=self.watch.start_time)
-    self.manager = checkpoints.create_manager(self.workdir, config)
+    self._exit = contextlib.ExitStack()
+    self.lease = self._take_lease(options.force_lease)  # Before anything is written.
+    try:
+      self.recorder = goodput.Recorder(self.workdir, enabled=self.chief,
+                                       start_time=self.watch.start_time)
+      self.cloud_goodput = cloud.CloudGoodput(
+          self.workdir, enabled=options.cloud.cloud_goodput and self.chief,
+          run_name=options.cloud.cloud_goodput_run_name,
+          upload_interval_s=options.cloud.cloud_goodput_upload_s,
+          start_time=self.watch.start_time)
+      self._exit.callback(self.cloud_goodput.close)
+      self.hang = self._exit.enter_context(cloud.hang_diagnostics(
+          options.cloud.hang_diagnostics, options.cloud.hang_timeout_s,
+          options.cloud.stack_trace_to_cloud))
+      self.manager = checkpoints.create_manager(self.workdir, config)
+    except BaseException:
+      self._exit.close()
+      raise
     self.hooks: list[Hook] = []
     self._compiled: set[str] = set()
     self._pending_commit: int | None = None  # A step whose asynchronous save may not be done.
+
+  def _take_lease(self, force: bool) -> lease_lib.Lease | None:
+    """Process 0 takes the workdir's lease; every process learns whether it did (the others trust
+    it: they share the run). Released when the session ends, and before an immediate exit 42."""
+    held, error = None, None
+    if self.chief:
+      held = lease_lib.Lease(self.workdir)
+      try:
+        held.acquire(force=force)
+      except LeaseError as e:
+        held, error = None, e
+      else:
+        self.watch.at_exit(held.release)
+        self._exit.callback(held.release)
+    if not checkpoints.all_ok(error is None):
+      raise error or LeaseError(f"process 0 could not take the lease on {self.workdir}; its log "
+                                "names the run holding it")
+    return held
+
+  def __enter__(self) -> "Session":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._exit.close()
 
   # ------------------------------------------------------------------------- phases
 
@@ -73,7 +138,7 @@ class Session:
     if name == "step":  # Productive time: what goodput attributes to steps by default.
       yield
       return
-    with self.recorder.phase(name):
+    with self.recorder.phase(name), self.cloud_goodput.phase(name):
       yield
 
   # ------------------------------------------------------------------------- the three calls
@@ -88,6 +153,7 @@ class Session:
           replicated=replicated, data_source=data_source)
     start = restored.step if restored is not None else 0
     self.recorder.restored(start)
+    self.cloud_goodput.restored(start)
     if self.process_count > 1:
       # Tell JAX's preemption sync where this session starts: a notice that lands before the loop
       # first asks (during the first evaluation) is then agreed for a step still ahead, not for
@@ -118,6 +184,10 @@ class Session:
     """
     self.watch.steps_completed()
     self.recorder.step_end(step)
+    self.cloud_goodput.step_end(step)
+    self.hang.beat()
+    if self.lease is not None:
+      self.lease.check()  # Another run took the workdir over: stop without writing to it.
     self._note_commit()
     self._check_finite(step, state)
     for hook in self.hooks:
@@ -152,10 +222,12 @@ class Session:
     self._note_commit()
 
   def close(self) -> str:
-    """Waits for the saves, closes the manager and the goodput record; returns goodput's summary."""
+    """Waits for the saves, closes the manager and the goodput record, releases the lease and the
+    diagnostics; returns goodput's summary."""
     self.wait_for_saves()
     self.manager.close()
     self.recorder.close()
+    self._exit.close()
     return self.recorder.summary()
 
   def _note_commit(self) -> None:
