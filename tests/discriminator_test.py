@@ -1,4 +1,5 @@
-"""PatchGAN discriminator, adversarial losses, adaptive weight, disc_start, EMA — on tiny models."""
+"""models.discriminator (PatchGAN) and the adversarial part of a run: losses, adaptive weight,
+disc_start, EMA, on tiny models."""
 
 import os
 

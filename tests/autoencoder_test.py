@@ -1,4 +1,4 @@
-"""Autoencoder architecture: exact parameter counts, shapes, dtypes, posterior behaviour."""
+"""models.autoencoder: exact parameter counts, shapes, dtypes, posterior behaviour."""
 
 import jax
 import jax.numpy as jnp
