@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = 0.0  # Global-norm clipping; 0 = off.
   config.optimizer.max_consecutive_nonfinite = 10  # Skip non-finite steps, stop after this many.
-  # Micro-batches per step (vae_scale/accumulate.py): the global batch stays the same on fewer chips.
+  # Micro-batches per step (vae_scale/training/accumulate.py): the global batch stays the same on fewer chips.
   config.optimizer.grad_accum_steps = 1
   config.ema_decay = 0.9999  # EMA of the autoencoder parameters; 0 = off.
   # Start a fresh run from existing weights: a diffusers AutoencoderKL folder, an SD/LDM VAE

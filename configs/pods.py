@@ -9,7 +9,7 @@ Training is data parallel over one mesh axis, `data`, that spans every device, s
 only has to size the global batch to the device count (global_batch_size must split evenly)
 and scale the learning rates with it the way LDM does (4.5e-6 x global batch). On several
 slices (Multislice, `launch/gcp.sh --num-slices=N`) the axis still spans every device; the mesh
-orders it slice by slice (vae_scale/sharding.py), so gradients are reduced over each slice's
+orders it slice by slice (vae_scale/training/sharding.py), so gradients are reduced over each slice's
 ICI first and only then across slices over the data-center network.
 
 Device counts are what JAX reports (jax.device_count()), which is not always the number in the
