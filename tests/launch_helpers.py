@@ -1,6 +1,8 @@
-"""Shared by the launch/ tests: executable stand-ins for the tools a launcher calls."""
+"""Shared by the launch/ tests: executable stand-ins for the tools a launcher calls, and whether a
+process still runs."""
 
 import json
+import os
 import pathlib
 import stat
 import sys
@@ -40,3 +42,16 @@ def recorded(bin_dir: pathlib.Path) -> list[list[str]]:
   """The calls the stand-ins in `bin_dir` received, in order: [tool, arg, ...] each."""
   path = bin_dir / "calls.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+  """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      return f.read().rpartition(")")[2].split()[0] != "Z"
+  except FileNotFoundError:
+    return False

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import REPO
+from launch_helpers import alive
 from vae_scale.tools import local_launch
 
 # Every test here starts processes (launcher scripts, stub programs): marked slow as a module.
@@ -111,7 +112,7 @@ def _launch(fake_dir, plan, *launcher_args, script=False, **extra):
     argv = ["bash", str(REPO / "launch" / "local.sh"), str(n), "--module=fake_main",
             "--grace_seconds=2", *launcher_args, "--config=c.py", "--workdir=/tmp/w"]
   else:
-    argv = [sys.executable, "-m", "vae_scale.tools.local_launch", f"--num_processes={n}",
+    argv = [sys.executable, "-m", "vae_scale.local_launch", f"--num_processes={n}",
             "--devices_per_process=2", "--module=fake_main", "--grace_seconds=2",
             *launcher_args, "--", "--config=c.py", "--workdir=/tmp/w"]
   return subprocess.Popen(argv, env=_env(fake_dir, plan, VAE_PYTHON=sys.executable, **extra),
@@ -238,16 +239,16 @@ def test_a_killed_launcher_takes_its_processes_and_their_children_with_it(fake, 
   pids = [json.loads((fake / f"argv-{i}").read_text())["pid"] for i in range(2)]
   pids += [int((fake / f"child-{i}").read_text()) for i in range(2)]
   try:
-    assert all(_alive(p) for p in pids)
+    assert all(alive(p) for p in pids)
     if target == "group":
       os.killpg(proc.pid, signal.SIGKILL)
     else:
       proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
       time.sleep(0.05)
-    survivors = [p for p in pids if _alive(p)]
+    survivors = [p for p in pids if alive(p)]
     assert not survivors, f"still running 5 s after the launcher's SIGKILL: {survivors} of {pids}"
   finally:
     for p in pids:  # Leave nothing behind, whatever the outcome.
@@ -258,19 +259,6 @@ def test_a_killed_launcher_takes_its_processes_and_their_children_with_it(fake, 
     proc.communicate(timeout=30)
   # Killed outright, not asked to save: a SIGKILLed launcher's grace period is gone.
   assert _signals(fake, 0) == _signals(fake, 1) == []
-
-
-def _alive(pid: int) -> bool:
-  """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  try:
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-      return f.read().rpartition(")")[2].split()[0] != "Z"
-  except FileNotFoundError:
-    return False
 
 
 # -- launch/local.sh wraps the launcher ---------------------------------------------------------
@@ -294,7 +282,7 @@ def test_local_sh_sigterm_is_a_rehearsed_preemption(fake):
 
 
 def test_help_documents_the_exit_codes():
-  result = subprocess.run([sys.executable, "-m", "vae_scale.tools.local_launch", "--help"],
+  result = subprocess.run([sys.executable, "-m", "vae_scale.local_launch", "--help"],
                           capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
   assert result.returncode == 0
   for text in ("Exit codes", "42", "128 + N", "FIRST", "--grace_seconds", "--module"):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import REPO
+from launch_helpers import alive
 from vae_scale.tools import parent_death
 
 # A stand-in launcher: starts one process in its own session (as local_launch does) which starts
@@ -39,19 +40,6 @@ time.sleep(600)
 '''
 
 
-def _alive(pid: int) -> bool:
-  """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  try:
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-      return f.read().rpartition(")")[2].split()[0] != "Z"
-  except FileNotFoundError:
-    return False
-
-
 def _kill_launcher(how: str, wait_s: float = 5.0) -> dict[str, bool]:
   """Starts the stand-in launcher, SIGKILLs it, and says which of its processes still run
   `wait_s` later (then kills them)."""
@@ -59,13 +47,13 @@ def _kill_launcher(how: str, wait_s: float = 5.0) -> dict[str, bool]:
                               text=True, cwd=REPO, start_new_session=True)
   pids = json.loads(launcher.stdout.readline())
   try:
-    assert all(_alive(p) for p in pids.values())
+    assert all(alive(p) for p in pids.values())
     launcher.kill()
     launcher.wait(timeout=30)
     deadline = time.monotonic() + wait_s
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
       time.sleep(0.05)
-    return {name: _alive(pid) for name, pid in pids.items()}
+    return {name: alive(pid) for name, pid in pids.items()}
   finally:
     for pid in pids.values():
       try:
