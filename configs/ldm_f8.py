@@ -76,7 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.schedule = "constant"  # constant | cosine (after warm-up).
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = 0.0  # Global-norm clipping; 0 = off.
-  config.optimizer.max_consecutive_nonfinite = 10  # Skip non-finite steps, stop after this many.
+  # Non-finite steps are skipped; this many in a row (seen at a log step) roll the run back (guard)
+  # or, with the guard off, stop it (exit 3).
+  config.optimizer.max_consecutive_nonfinite = 10
   # Micro-batches per step (vae_scale/training/accumulate.py): the global batch stays the same on fewer chips.
   config.optimizer.grad_accum_steps = 1
   config.ema_decay = 0.9999  # EMA of the autoencoder parameters; 0 = off.
@@ -114,6 +116,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.inception_weights = ""
   config.image_every_steps = 5_000  # Reconstruction grids (TensorBoard + PNG).
   config.checkpoint_every_steps = 5_000
-  config.max_checkpoints_to_keep = 3
+  config.max_checkpoints_to_keep = 3  # The latest ones; the newest healthy one is never deleted.
+  config.checkpoint = ml_collections.ConfigDict()
+  # Also keep the best checkpoint by this held-out metric ('' = off; eval/psnr, eval/ssim,
+  # eval/lpips, eval/rfid or eval/l1): every evaluation step then saves a checkpoint too.
+  # `evaluate --step=best` and `convert export --step=best` read it.
+  config.checkpoint.keep_best = ""
+
+  # -- Guard against divergence (vae_scale/run/guard.py) --------------------------------------
+  # At log steps: a non-finite streak (optimizer.max_consecutive_nonfinite), a loss spike, or a
+  # collapsed discriminator rolls the run back to the newest healthy checkpoint before it and skips
+  # the data window [that checkpoint, the spike + skip_extra] (PaLM's remedy).
+  config.guard = ml_collections.ConfigDict()
+  config.guard.enabled = True
+  config.guard.spike_factor = 4.0  # A log window's rec_loss above this x the running median.
+  config.guard.window = 20  # Log windows in the running median.
+  config.guard.warmup_steps = 2_000  # No spike detection before (the loss falls fast early on).
+  config.guard.collapse_windows = 5  # Log windows in a row with D's hinge loss pinned at 0; 0 = off.
+  config.guard.collapse_tolerance = 0.01
+  config.guard.max_rollbacks = 3  # Per run; one more trigger then stops with exit 3.
+  config.guard.skip_extra = 0  # Steps' worth of batches skipped past the spike too.
+  config.guard.lr_factor = 1.0  # After a rollback, the learning rate x this for lr_steps steps.
+  config.guard.lr_steps = 0
   config.profile_steps = 0  # >0: capture a profile of this many steps after the first log.
   return config

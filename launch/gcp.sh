@@ -368,8 +368,8 @@ remote_run() {
 #   running  training is running (workers that already exited 0 are finishing)
 #   done     every worker exited 0
 #   fatal    a worker exited 2 (bad config or input, or the workdir leased to another live
-#            run) or 3 (training diverged: too many non-finite steps); rerunning will not
-#            help. RUN_DETAIL is that exit code.
+#            run) or 3 (training diverged: rollbacks used up or too many non-finite
+#            steps); rerunning will not help. RUN_DETAIL is that exit code.
 #   rerun    a worker exited otherwise (42 preempted, a crash) or has no run: start it again
 #   unknown  no answer (ssh failed; the slice may be going away)
 worker_status() {

@@ -7,7 +7,8 @@
 #       --config.data.path=/data/images
 #
 # Exit codes: 0 finished; 2 bad config, data or weights, or a workdir leased to another live
-# run, and 3 diverged (too many non-finite steps): not rerun, fix the cause first; 42 stopped by
+# run, and 3 diverged (the guard's rollbacks used up, or too many non-finite steps): not rerun,
+# fix the cause first; 42 stopped by
 # SIGTERM/Ctrl-C to this script after training saved what it could (or VAE_MAX_RESTARTS reruns
 # used up): run the same command to resume. Training that exits 42, or dies of SIGTERM (143)
 # before it can handle the signal, is rerun. Anything else is a crash, passed on as it is (137:
@@ -85,8 +86,8 @@ while :; do
       exit 2
       ;;
     3)
-      echo "gpu_host.sh: vae_scale.main exited 3 (diverged: too many non-finite steps; its" \
-        "checkpoints are intact); not rerunning" >&2
+      echo "gpu_host.sh: vae_scale.main exited 3 (diverged: rollbacks used up or too many" \
+        "non-finite steps; its checkpoints are intact); not rerunning" >&2
       exit 3
       ;;
     42 | 143) ;;  # Stopped by SIGTERM: saved a checkpoint (42), or died before it could (143).

@@ -8,7 +8,8 @@
 # SIGTERM or Ctrl-C to this script is a rehearsed preemption: every process gets SIGTERM, saves
 # a checkpoint and exits 42. If one process fails, the others are stopped within a bounded time.
 # Exit codes: 0 finished; 42 stopped after a checkpoint (rerun the same command to resume);
-# otherwise the first failed process's code: 2 bad config or data, 3 too many non-finite steps,
+# otherwise the first failed process's code: 2 bad config or data, 3 diverged (rollbacks used up
+# or too many non-finite steps),
 # 128+N a process died of signal N (143 SIGTERM, 137 SIGKILL). VAE_PYTHON: the python to use.
 # See vae_scale/local_launch.py (python -m vae_scale.local_launch --help).
 set -euo pipefail

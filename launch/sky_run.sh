@@ -48,7 +48,7 @@ case "${code}" in
   0) echo "sky_run.sh: vae_scale.main finished" ;;
   42 | 143) echo "sky_run.sh: exit ${code} (preempted; SkyPilot recovers the job and it resumes)" ;;
   2) echo "sky_run.sh: exit 2 (bad config, data or weights): not recovered" >&2 ;;
-  3) echo "sky_run.sh: exit 3 (diverged: too many non-finite steps): not recovered" >&2 ;;
+  3) echo "sky_run.sh: exit 3 (diverged: rollbacks used up or too many non-finite steps): not recovered" >&2 ;;
   *) echo "sky_run.sh: exit ${code} (a crash): not recovered" >&2 ;;
 esac
 exit "${code}"

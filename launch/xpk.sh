@@ -67,7 +67,8 @@ Flags (each also --flag=VALUE; the environment variable is the default):
 Exit codes: 0 done; 1 a command failed; 2 bad usage. Training's own codes decide restarts:
 0 finished; 42 saved a checkpoint on SIGTERM, 143 died of SIGTERM first: XPK restarts the JobSet
 (up to --max-restarts), training resumes from WORKDIR; 2 bad config, data or weights and 3
-diverged (too many non-finite steps): the JobSet fails, no restart; other codes from 127 to 255
+diverged (the guard's rollbacks used up, or too many non-finite steps): the JobSet fails, no
+restart; other codes from 127 to 255
 (signals: 137 out of memory) restart too; other crashes (1) do not.
 
 From an empty project to a spot run that resumes by itself:

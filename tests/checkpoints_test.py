@@ -69,3 +69,27 @@ def test_readers_say_what_is_missing_in_one_line(run, tmp_path):
     checkpoints.read_state(str(tmp_path))
   with pytest.raises(ConversionError, match="don't match the model config"):
     checkpoints.read_params(workdir, small_autoencoder_config(ch=16))
+
+
+# --------------------------------------------------------------------------- keeping the best
+
+
+@pytest.mark.slow
+def test_keep_best_keeps_the_best_evaluated_checkpoint_and_step_best_reads_it(tmp_path):
+  from vae_scale.eval import report  # pylint: disable=g-import-not-at-top
+  from vae_scale.run import loop  # pylint: disable=g-import-not-at-top
+  from vae_scale.tools import evaluate  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"num_train_steps": 8, "checkpoint_every_steps": 100,
+                          "eval_every_steps": 2, "image_every_steps": 100,
+                          "max_checkpoints_to_keep": 1, "checkpoint.keep_best": "eval/l1",
+                          "optimizer.learning_rate": 0.02})
+  loop.train_and_evaluate(config, workdir)
+  history = {r["step"]: r["l1"] for r in report.read_history(workdir) if r["step"]}
+  best = min(history, key=history.get)  # Lower L1 is better.
+  kept = checkpoints.list_steps(workdir)
+  assert kept == sorted({best, 8}), (kept, history)  # The latest, the best; the rest deleted.
+  assert checkpoints.best_step(workdir) == best
+  result = evaluate.run(config, workdir, step="best", output_dir=str(tmp_path / "eval"))
+  assert result["step"] == best
+  assert result["l1"] == pytest.approx(history[best], rel=1e-5)

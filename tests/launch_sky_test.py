@@ -114,7 +114,7 @@ def test_one_node_runs_without_jax_distributed(tmp_path):
 @pytest.mark.parametrize("exit_code, expected, says", [
     ("0", 0, "finished"), ("42", 42, "SkyPilot recovers"), ("die", 143, "SkyPilot recovers"),
     ("2", 2, "bad config, data or weights): not recovered"),
-    ("3", 3, "diverged: too many non-finite steps): not recovered"),
+    ("3", 3, "diverged: rollbacks used up or too many non-finite steps): not recovered"),
     ("1", 1, "a crash): not recovered"),
 ])
 def test_run_exits_with_training_code_for_skypilot_to_judge(tmp_path, exit_code, expected, says):

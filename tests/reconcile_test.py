@@ -11,6 +11,7 @@ from conftest import load_config
 from conftest import with_overrides
 from vae_scale.config import serialize
 from vae_scale.run import reconcile
+from vae_scale.run import resume_log
 from vae_scale.errors import ConfigError
 
 
@@ -238,7 +239,7 @@ def test_resume_log(tmp_path):
   plan = _resume(old, _config(ema_decay=0.0, data__path="/new"))
   reconcile.append_resume_log(tmp_path, 8, plan, clock=lambda: 123.0)
   reconcile.append_resume_log(tmp_path, 8, plan, enabled=False)
-  path = tmp_path / reconcile.RESUME_LOG
+  path = tmp_path / resume_log.FILENAME
   entries = [json.loads(line) for line in path.read_text().splitlines()]
   assert [e["field"] for e in entries] == ["data.path", "ema_decay"]
   assert entries[1] == {"time": 123.0, "step": 8, "field": "ema_decay", "old": 0.9999, "new": 0.0,
@@ -250,7 +251,7 @@ def test_resume_log(tmp_path):
   assert len(entries) == 3 and entries[2]["step"] == 16 and entries[2]["kind"] == "ema"
   reconcile.append_resume_log(tmp_path, 20, _resume(old, _config()))  # No changes: no entry.
   assert len(path.read_text().splitlines()) == 3
-  assert [p.name for p in tmp_path.iterdir()] == [reconcile.RESUME_LOG]  # No temp file left.
+  assert [p.name for p in tmp_path.iterdir()] == [resume_log.FILENAME]  # No temp file left.
 
 
 def test_resume_log_absent_values(tmp_path):
@@ -258,7 +259,7 @@ def test_resume_log_absent_values(tmp_path):
   old["legacy_field"] = [1, 2]
   plan = _resume(old, _config())
   reconcile.append_resume_log(tmp_path, 8, plan)
-  entry = json.loads((tmp_path / reconcile.RESUME_LOG).read_text())
+  entry = json.loads((tmp_path / resume_log.FILENAME).read_text())
   assert entry["old"] == [1, 2] and entry["new"] == "<absent>"
 
 

@@ -68,7 +68,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale.training import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale.training import programs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vae_scale.run import reconcile  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vae_scale.run import resume_log  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale.run import state_tree  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale.training import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vae_scale.run import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -134,7 +134,7 @@ def _equal(a, b):
 
 
 def _log(workdir):
-  path = os.path.join(workdir, reconcile.RESUME_LOG)
+  path = os.path.join(workdir, resume_log.FILENAME)
   return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 
 

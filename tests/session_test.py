@@ -63,7 +63,7 @@ def test_phases_are_one_vocabulary_for_goodput_and_preemption(tmp_path):
 def test_after_step_runs_the_hooks_then_saves_on_the_interval_and_at_the_end(tmp_path):
   session, config = _session(tmp_path)
   seen = []
-  session.add_hooks([lambda step: seen.append(("a", step)), lambda step: seen.append(("b", step))])
+  session.hooks = [lambda step: seen.append(("a", step)), lambda step: seen.append(("b", step))]
   for step in range(1, 7):
     session.after_step(step, _state(), _position(config))
   summary = session.close()
@@ -88,12 +88,14 @@ def test_a_sigterm_saves_the_reached_step_and_raises_preempted(tmp_path):
   session.manager.close()
 
 
-def test_too_many_nonfinite_steps_stop_with_the_latest_checkpoint_named(tmp_path):
-  session, config = _session(tmp_path, **{"optimizer.max_consecutive_nonfinite": 3})
+def test_too_many_nonfinite_steps_with_the_guard_off_stop_naming_the_latest_checkpoint(tmp_path):
+  session, config = _session(tmp_path, **{"optimizer.max_consecutive_nonfinite": 3,
+                                          "guard.enabled": False})
   for step in range(1, 5):
     session.after_step(step, _state(), _position(config))
-  with pytest.raises(NonFiniteError, match=r"3 consecutive steps up to step 5 .* checkpoint 4 "):
-    session.after_step(5, _state(bad_steps=3), _position(config))
+  session.observe(5, {"train/rec_loss": 0.5}, _state(bad_steps=2))  # Not yet.
+  with pytest.raises(NonFiniteError, match=r"3 consecutive steps up to step 6 .* checkpoint 4 "):
+    session.observe(6, {"train/rec_loss": float("nan")}, _state(bad_steps=3))
   session.manager.close()
 
 

@@ -6,7 +6,7 @@
 - `init_distributed(flags)`: starts jax.distributed as asked or as the cluster needs.
 - `run(main)`: absl's app.run with flag mistakes (a misspelt --config.FIELD) as one line and exit 2,
   and any `vae_scale.errors.Error` as one line on stderr and its exit code (2 bad config, data or
-  weights; 3 too many non-finite steps; 42 preempted).
+  weights; 3 diverged (rollbacks used up or too many non-finite steps); 42 preempted).
 """
 
 from __future__ import annotations
@@ -56,10 +56,20 @@ def define_weights_flags(verb: str, config_help: str) -> dict[str, Any]:
       "params": flags.DEFINE_string(
           "params", None, f"{verb.capitalize()} these weights instead of a run: a params dir from "
           "`vae_scale.convert import`, a diffusers folder or an SD .safetensors."),
-      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest)."),
+      "step": define_step_flag("Checkpoint step, or 'best' (the best by the run's "
+                               "checkpoint.keep_best); default: the latest."),
       "weights": flags.DEFINE_enum("weights", "auto", ["auto", "ema", "params"],
                                    "auto = EMA weights when the run has them."),
   }
+
+
+def define_step_flag(help_text: str) -> Any:
+  """--step: a checkpoint's step number, or 'best'; None (unset) means the latest."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  holder = flags.DEFINE_string("step", None, help_text)
+  flags.register_validator("step", lambda v: v is None or v == "best" or v.isdigit(),
+                           "--step takes a checkpoint's step number or 'best'")
+  return holder
 
 
 def run_config(fl: dict[str, Any]) -> Any:
@@ -75,10 +85,10 @@ def run_config(fl: dict[str, Any]) -> Any:
     raise usage_error("--config is required without --workdir")
   from vae_scale.config import serialize  # pylint: disable=g-import-not-at-top
   from vae_scale.run import checkpoints  # pylint: disable=g-import-not-at-top
-  steps = checkpoints.list_steps(workdir)
-  step = fl["step"].value if fl["step"].value is not None else (steps[-1] if steps else None)
-  stored = (checkpoints.stored_config(checkpoints.directory(workdir), step) if step is not None
-            else None)
+  if not checkpoints.list_steps(workdir):
+    raise usage_error(f"{workdir} has no checkpoint yet; pass --config=THE_RUN'S_CONFIG")
+  directory, step = checkpoints.resolve_step(workdir, fl["step"].value)
+  stored = checkpoints.stored_config(directory, step)
   if stored is None:
     raise usage_error(f"{workdir} has no checkpoint with a stored config (step {step}); pass "
                       "--config=THE_RUN'S_CONFIG")

@@ -3,7 +3,8 @@
 Library code raises these; `vae_scale.cli.run` turns any of them into one line on stderr and the
 class's exit code, so every tool (train, evaluate, encode, convert, bench) agrees on what the codes
 mean: 0 done · 2 bad config, data or weights, or a workdir another run holds (nothing compiled,
-nothing lost) · 3 too many non-finite steps · 42 preempted (rerun the same command).
+nothing lost) · 3 diverged (rollbacks used up or too many non-finite steps) · 42 preempted (rerun
+the same command).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ PREEMPTED_EXIT_CODE = 42
 # What each code means, for launchers' messages (shell scripts in launch/ name the same codes).
 EXIT_MEANINGS = {0: "finished",
                  BAD_INPUT_EXIT_CODE: "bad config, data or weights, or a workdir in use",
-                 NONFINITE_EXIT_CODE: "too many non-finite steps",
+                 NONFINITE_EXIT_CODE: "diverged: rollbacks used up or too many non-finite steps",
                  PREEMPTED_EXIT_CODE: "preempted, checkpoint saved"}
 
 
@@ -49,10 +50,15 @@ class LeaseError(Error, RuntimeError):
   exit_code = BAD_INPUT_EXIT_CODE
 
 
-class NonFiniteError(Error, RuntimeError):
-  """Too many consecutive steps had a non-finite loss or gradient."""
+class Diverged(Error, RuntimeError):
+  """Training went wrong in a way a rerun would repeat: the guard's rollbacks are used up (or it
+  is off and too many consecutive steps were non-finite). The message names the steps."""
 
   exit_code = NONFINITE_EXIT_CODE
+
+
+class NonFiniteError(Diverged):
+  """Too many consecutive steps had a non-finite loss or gradient (the guard off)."""
 
 
 class Preempted(Error):

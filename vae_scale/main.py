@@ -4,7 +4,7 @@ r"""Trains a KL autoencoder; rerunning the same command in the same workdir resu
 
 Exit codes: 0 done; 2 bad config or data, or a workdir another live run holds (nothing compiled,
 nothing lost); 42 preempted (a checkpoint of the reached step was saved: rerun the same command);
-3 too many non-finite steps.
+3 diverged (rollbacks used up or too many non-finite steps).
 """
 
 from __future__ import annotations

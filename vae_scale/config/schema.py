@@ -37,6 +37,10 @@ RESUME_KINDS = ("architecture", "norm_groups", "attention", "disc_architecture",
                 "freeze", "init", "seed", "batch", "learning_rate", "disc_learning_rate",
                 "disc_start", "stream", "eval_set", "decode", "compute", "continue")
 DATA_SOURCES = ("folder", "tfds", "synthetic", "samples")
+# Held-out metrics a run can keep its best checkpoint by, and whether higher is better.
+KEEP_BEST = ("eval/psnr", "eval/ssim", "eval/lpips", "eval/rfid", "eval/l1")
+HIGHER_IS_BETTER = {"eval/psnr": True, "eval/ssim": True, "eval/lpips": False, "eval/rfid": False,
+                    "eval/l1": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +160,18 @@ FIELDS: dict[str, Field] = {
     "data.prefetch_batches": _int(**_NONNEG, resume="decode"),
     "data.max_pixels": _int(**_POS, resume="decode"),
     "data.reduced_jpeg_decode": _bool(resume="decode"),
+    # -- the guard against divergence (run.guard) and the checkpoints kept
+    "guard.enabled": _bool(),
+    "guard.spike_factor": _float(min=1),
+    "guard.window": _int(**_POS),
+    "guard.warmup_steps": _int(**_NONNEG),
+    "guard.collapse_windows": _int(**_NONNEG),
+    "guard.collapse_tolerance": _float(**_NONNEG),
+    "guard.max_rollbacks": _int(**_NONNEG),
+    "guard.skip_extra": _int(**_NONNEG),
+    "guard.lr_factor": _float(**_POS),
+    "guard.lr_steps": _int(**_NONNEG),
+    "checkpoint.keep_best": _str(choices=("",) + KEEP_BEST),
     # -- run
     "global_batch_size": _int(**_POS, resume="batch"),
     "num_train_steps": _int(**_POS, resume="learning_rate"),
@@ -278,6 +294,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if config.loss.perceptual_weight > 0 and config.image_size < 16:
     _fail("image_size", f"{config.image_size} is below 16, the smallest input LPIPS-VGG's four "
           "2x2 max pools leave a pixel of (loss.perceptual_weight > 0)")
+  if config.checkpoint.keep_best in ("eval/lpips", "eval/rfid"):
+    needs = "loss.lpips_weights" if config.checkpoint.keep_best == "eval/lpips" else (
+        "inception_weights")
+    if not (config.loss.lpips_weights if needs == "loss.lpips_weights" else
+            config.inception_weights):
+      _fail("checkpoint.keep_best", f"{config.checkpoint.keep_best} is measured only with "
+            f"{needs} set; set it, or keep the best by eval/psnr")
   if training:
     _check_training(config)
   check_batch(config.global_batch_size, num_devices, num_processes,

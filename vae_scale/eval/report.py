@@ -131,21 +131,42 @@ def append_history(workdir: epath.PathLike, step: int, result: dict[str, Any],
   return record
 
 
-def read_history(workdir: epath.PathLike) -> list[dict[str, Any]]:
-  """The records by step, the last of each step; a torn last line (a kill mid-write) is left out."""
+def append_event(workdir: epath.PathLike, step: int, event: str) -> None:
+  """Marks an event of the run in its history at `step` (e.g. a rollback); shown by the summary."""
   path = epath.Path(workdir) / HISTORY
-  by_step = {}
+  old = path.read_text() if path.exists() else ""
+  old += "\n" if old and not old.endswith("\n") else ""
+  path.write_text(old + json.dumps({"step": int(step), "event": event}, sort_keys=True) + "\n")
+
+
+def _records(workdir: epath.PathLike) -> list[dict[str, Any]]:
+  path = epath.Path(workdir) / HISTORY
+  out = []
   for line in (path.read_text().splitlines() if path.exists() else ()):
     try:
       record = json.loads(line)
-      by_step[int(record["step"])] = record
+      out.append(dict(record, step=int(record["step"])))
     except (ValueError, KeyError, TypeError):
       continue
+  return out
+
+
+def read_history(workdir: epath.PathLike) -> list[dict[str, Any]]:
+  """The evaluation records by step, the last of each step; a torn last line (a kill mid-write) is
+  left out, and so are events."""
+  by_step = {r["step"]: r for r in _records(workdir) if "event" not in r}
   return [by_step[s] for s in sorted(by_step)]
 
 
-def history_summary(records: list[dict[str, Any]]) -> str:
-  """The history as a small table, then the last grid's path (or a line saying there is none)."""
+def read_events(workdir: epath.PathLike) -> list[dict[str, Any]]:
+  """The events marked in the history (`append_event`), in order: {'step', 'event'}."""
+  return [r for r in _records(workdir) if "event" in r]
+
+
+def history_summary(records: list[dict[str, Any]],
+                    events: list[dict[str, Any]] | None = None) -> str:
+  """The history as a small table, the events, then the last grid's path (or a line saying there
+  is none)."""
   if not records:
     return "No held-out evaluation was recorded."
   cols = [k for k in HISTORY_METRICS if any(k in r for r in records)]
@@ -154,6 +175,7 @@ def history_summary(records: list[dict[str, Any]]) -> str:
     lines.append(f"{r['step']:>6}  " + "  ".join(
         f"{r[c]:>8.4f}" if c in r and c != "psnr" else f"{r[c]:>8.2f}" if c in r else f"{'-':>8}"
         for c in cols))
+  lines += [f"  step {e['step']}: {e['event']}" for e in events or ()]
   grids = [r["grid"] for r in records if "grid" in r]
   lines.append(f"Last reconstruction grid (inputs above, reconstructions below): {grids[-1]}"
                if grids else "No reconstruction grid was written.")

@@ -233,7 +233,7 @@ def latent_factors(latents_path: str) -> tuple[float, float]:
 
 
 def load_weights(config: ml_collections.ConfigDict, workdir: str | None, params_path: str | None,
-                 step: int | None, weights: str, sharding_: Any = None
+                 step: int | str | None, weights: str, sharding_: Any = None
                  ) -> tuple[dict, int, str]:
   """The autoencoder params to evaluate or encode with: imported weights at `params_path`, or a
   run's checkpoint (EMA weights when it keeps them and `weights` is 'auto').
@@ -245,7 +245,7 @@ def load_weights(config: ml_collections.ConfigDict, workdir: str | None, params_
   if params_path:
     params = load_params(params_path, model_cfg)
     return (jax.device_put(params, sharding_) if sharding_ is not None else params,
-            int(step or 0), "imported")
+            int(step) if str(step or "").isdigit() else 0, "imported")
   if not workdir:
     raise ConversionError("needs a run --workdir or --params")
   return checkpoints.read_params(workdir, model_cfg, step=step, weights=weights,

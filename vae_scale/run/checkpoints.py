@@ -15,19 +15,23 @@ Deciding what to restore belongs to `run.resume`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as policies
 from etils import epath
 from jax.experimental import multihost_utils
 
 from vae_scale import models
+from vae_scale.config import schema
 from vae_scale.config import serialize
 from vae_scale.data import sampler
 from vae_scale.errors import ConversionError
@@ -36,6 +40,8 @@ from vae_scale.run import state_tree
 ITEMS = ("state", "data", "config")
 DIRECTORY = "checkpoints"
 DAMAGED_DIRECTORY = "checkpoints_damaged"
+ROLLED_BACK_DIRECTORY = "checkpoints_rolled_back"
+HEALTHY = "healthy"  # Orbax metric of every checkpoint: 1.0 when saved while the guard saw no trouble.
 
 
 def directory(workdir: epath.PathLike) -> epath.Path:
@@ -50,23 +56,55 @@ def list_steps(workdir: epath.PathLike) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def create_manager(workdir: epath.PathLike,
-                   config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """An asynchronous manager under `workdir/checkpoints` keeping the latest N checkpoints."""
+@dataclasses.dataclass
+class _NewestHealthy(policies.PreservationPolicy):
+  """Keeps the newest checkpoint saved while healthy: a rollback's target is never deleted."""
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+    healthy = [i for i, c in enumerate(checkpoints) if (c.metrics or {}).get(HEALTHY, 1.0) > 0]
+    keep = healthy[-1] if healthy else None
+    return [i == keep for i in range(len(checkpoints))]
+
+
+def _metric_fn(metric: str) -> Any:
+  """The value Orbax ranks checkpoints by for `metric` (higher is better; absent: the worst)."""
+  sign = 1.0 if schema.HIGHER_IS_BETTER[metric] else -1.0
+  return lambda metrics: sign * float((metrics or {}).get(metric, -sign * math.inf))
+
+
+def create_manager(workdir: epath.PathLike, config: ml_collections.ConfigDict, *,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """An asynchronous manager under `workdir/checkpoints` keeping the latest N checkpoints, the
+  newest healthy one (a rollback target) and, with checkpoint.keep_best, the best by that metric."""
+  keep = [policies.LatestN(n=config.max_checkpoints_to_keep), _NewestHealthy()]
+  metric = config.checkpoint.keep_best
+  if metric:
+    keep.append(policies.BestN(get_metric_fn=_metric_fn(metric), n=1,
+                               keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.max_checkpoints_to_keep, create=True, enable_async_checkpointing=True,
-      cleanup_tmp_directories=True)  # Half-written saves of a killed run.
+      preservation_policy=policies.AnyPreservationPolicy(keep), create=not read_only,
+      read_only=read_only, enable_async_checkpointing=True,
+      cleanup_tmp_directories=not read_only,  # Half-written saves of a killed run.
+      # Orbax writes a checkpoint's metrics (healthy, the keep_best metric) only with a best_fn.
+      best_fn=_metric_fn(metric or "eval/psnr"), best_mode="max")
   return ocp.CheckpointManager(directory(workdir), item_names=ITEMS, options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         data_position: sampler.DataPosition, config: ml_collections.ConfigDict) -> None:
+         data_position: sampler.DataPosition, config: ml_collections.ConfigDict, *,
+         healthy: bool = True, metrics: dict[str, float] | None = None) -> None:
   """Starts saving `state` (after `step` steps), the data position and the config; returns
-  once the arrays are copied off the devices, so the state may be donated right after."""
+  once the arrays are copied off the devices, so the state may be donated right after.
+
+  Args:
+    healthy: whether the guard had seen no trouble up to `step` (stored as Orbax's metric).
+    metrics: held-out metrics measured at `step` (e.g. {'eval/psnr': 24.1}) for keep_best.
+  """
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(state),
       data=ocp.args.JsonSave(data_position.record(step)),
-      config=ocp.args.JsonSave(json.loads(serialize.to_json(config)))), force=True)
+      config=ocp.args.JsonSave(json.loads(serialize.to_json(config)))), force=True,
+      metrics={HEALTHY: 1.0 if healthy else 0.0, **(metrics or {})})
 
 
 def stored_config(checkpoints_dir: epath.PathLike, step: int) -> dict[str, Any] | None:
@@ -103,28 +141,80 @@ def all_ok(ok: bool) -> bool:
   return bool(np.all(flags))
 
 
+def set_aside(manager: ocp.CheckpointManager, steps: Sequence[int], where: str) -> None:
+  """Moves checkpoints to WORKDIR/`where`/STEP-TIME (process 0; nothing is deleted), then syncs
+  the processes and reloads the manager. No steps: nothing happens."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    dst_dir = epath.Path(manager.directory).parent / where
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      src, dst = epath.Path(manager.directory) / str(step), dst_dir / f"{step}-{int(time.time())}"
+      if src.exists():
+        src.rename(dst)
+        logging.warning("Moved checkpoint %s to %s", src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"vae_scale_set_aside_{where}_{min(steps, default=0)}")
+  manager.reload()
+
+
 def quarantine(manager: ocp.CheckpointManager, step: int, why: str) -> None:
   """Moves a damaged checkpoint to WORKDIR/checkpoints_damaged/ (process 0), then syncs."""
   logging.warning("Checkpoint at step %d is damaged and cannot be restored (%s); falling back to "
                   "the previous checkpoint.", step, why)
+  set_aside(manager, [step], DAMAGED_DIRECTORY)
+
+
+def is_healthy(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step` was saved while the guard saw no trouble (older ones: yes)."""
+  return float((manager.metrics(step) or {}).get(HEALTHY, 1.0)) > 0
+
+
+def rewrite_data_position(checkpoints_dir: epath.PathLike, step: int,
+                          position: sampler.DataPosition, **extra: Any) -> None:
+  """Replaces checkpoint `step`'s data position (process 0; atomically: a new file, then a rename)
+  so that every later resume from it continues at `position`; `extra` fields are recorded too."""
   if jax.process_index() == 0:
-    src = epath.Path(manager.directory) / str(step)
-    dst_dir = epath.Path(manager.directory).parent / DAMAGED_DIRECTORY
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / f"{step}-{int(time.time())}"
-    if src.exists():
-      src.rename(dst)
-      logging.warning("Moved damaged checkpoint %s to %s", src, dst)
+    path = data_record_dir(checkpoints_dir, step) / "metadata"
+    tmp = path.with_name(f".metadata.tmp-{int(time.time() * 1e6)}")
+    tmp.write_text(json.dumps({**position.record(step), **extra}))
+    tmp.replace(path)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"vae_scale_quarantine_{step}")
-  manager.reload()
+    multihost_utils.sync_global_devices(f"vae_scale_data_position_{step}")
 
 
 # --------------------------------------------------------------------------- reading runs
 
 
-def resolve_step(workdir: str, step: int | None) -> tuple[epath.Path, int]:
-  """(WORKDIR/checkpoints, the checkpoint `step` or the latest).
+def best_step(workdir: str) -> int:
+  """The step of the best checkpoint by the run's checkpoint.keep_best metric.
+
+  Raises:
+    ConversionError: the run keeps no best checkpoint, or none has the metric yet.
+  """
+  steps = list_steps(workdir)
+  stored = stored_config(directory(workdir), steps[-1]) if steps else None
+  metric = ((stored or {}).get("checkpoint") or {}).get("keep_best", "")
+  if not metric:
+    raise ConversionError(f"the run in {workdir} keeps no best checkpoint (its "
+                          "checkpoint.keep_best is empty); pass --step=N or leave --step out")
+  manager = create_manager(workdir, serialize.from_dict(stored), read_only=True)
+  try:
+    scored = [(s, (manager.metrics(s) or {}).get(metric)) for s in manager.all_steps()]
+  finally:
+    manager.close()
+  scored = [(s, v) for s, v in scored if v is not None]
+  if not scored:
+    raise ConversionError(f"no checkpoint of {workdir} has {metric} yet (it is measured at "
+                          "evaluation steps)")
+  higher = schema.HIGHER_IS_BETTER[metric]
+  return max(scored, key=lambda sv: sv[1] if higher else -sv[1])[0]
+
+
+def resolve_step(workdir: str, step: int | str | None) -> tuple[epath.Path, int]:
+  """(WORKDIR/checkpoints, checkpoint `step`: a number, 'best' (checkpoint.keep_best) or None for
+  the latest).
 
   Raises:
     ConversionError: no such run or checkpoint (one line listing the steps there are).
@@ -135,20 +225,22 @@ def resolve_step(workdir: str, step: int | None) -> tuple[epath.Path, int]:
   steps = list_steps(workdir)
   if not steps:
     raise ConversionError(f"{d} holds no checkpoint yet")
+  if step == "best":
+    step = best_step(workdir)
   step = steps[-1] if step is None else int(step)
   if step not in steps:
     raise ConversionError(f"{d} has no checkpoint of step {step}; it has {steps}")
   return d, step
 
 
-def read_state(workdir: str, step: int | None = None, keys: tuple[str, ...] | None = None,
+def read_state(workdir: str, step: int | str | None = None, keys: tuple[str, ...] | None = None,
                targets: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
   """Reads parts of a run checkpoint's train state without building the run (no optimizer, any
   topology): the one reader behind evaluate, encode, export and the tests.
 
   Args:
     workdir: the run directory.
-    step: the checkpoint; None = the latest.
+    step: the checkpoint; 'best' = the best by checkpoint.keep_best; None = the latest.
     keys: top-level TrainState fields to read (default: all that are stored).
     targets: for some keys, abstract trees (ShapeDtypeStructs, with shardings to place them on
       devices) the stored arrays must match; the others come back as numpy arrays.
@@ -177,14 +269,15 @@ def read_state(workdir: str, step: int | None = None, keys: tuple[str, ...] | No
   return {k: out[k] for k in keys}, step
 
 
-def read_params(workdir: str, model_cfg: models.AutoencoderConfig, *, step: int | None = None,
+def read_params(workdir: str, model_cfg: models.AutoencoderConfig, *,
+                step: int | str | None = None,
                 weights: str = "auto", sharding: Any = None) -> tuple[dict, int, str]:
   """The autoencoder weights of a run's checkpoint, without its optimizer or discriminator.
 
   Args:
     workdir: the run directory.
     model_cfg: the run's architecture (the stored shapes must match it).
-    step: which checkpoint; None = the latest.
+    step: which checkpoint; 'best' (checkpoint.keep_best) or None (the latest).
     weights: 'auto' (EMA when the run keeps it), 'ema' or 'params'.
     sharding: a jax Sharding for every array (e.g. replicated over a mesh); None = numpy arrays.
   Returns:

@@ -10,6 +10,8 @@ lands in exactly one bucket, so the shares always sum to 1:
   startup     process start to the first step, less what is counted in another bucket
   restore, compile, eval, checkpoint, data
               the time inside `with recorder.phase(NAME):` (innermost phase wins when nested)
+  rollback    the guard's rollbacks (`rolled_back`): the step time of the steps thrown away, and
+              the time inside `phase("rollback")` (restoring the earlier checkpoint)
   other       the rest: time after the last step of a session, and time not yet attributed at the
               last write (the step in progress)
 
@@ -56,7 +58,7 @@ from etils import epath
 
 FILENAME = "goodput.json"
 VERSION = 1
-CAUSES = ("startup", "restore", "compile", "eval", "checkpoint", "data")
+CAUSES = ("startup", "restore", "compile", "eval", "checkpoint", "data", "rollback")
 BUCKETS = ("productive", "recomputed") + CAUSES + ("other",)
 MAX_MARKS = 32  # Checkpoint marks kept per session (older ones: interpolated), bounding the file.
 
@@ -69,7 +71,8 @@ def _new_session(start: float) -> dict[str, Any]:
   return {"start": start, "last_write": start, "end": "open", "restored_step": None,
           "last_step": None, "kept_step": None,
           "seconds": {b: 0.0 for b in ("productive",) + CAUSES}, "marks": [],
-          "recomputed_s": 0.0, "recomputed_steps": 0}
+          "recomputed_s": 0.0, "recomputed_steps": 0, "rolled_back_s": 0.0,
+          "rolled_back_steps": 0}
 
 
 def _checked(record: Any) -> dict[str, Any]:
@@ -85,7 +88,10 @@ def _checked(record: Any) -> dict[str, Any]:
         "restored_step": opt_int(s["restored_step"]), "last_step": opt_int(s["last_step"]),
         "kept_step": opt_int(s["kept_step"]), "seconds": seconds,
         "marks": [[int(m[0]), float(m[1])] for m in s["marks"]],
-        "recomputed_s": float(s["recomputed_s"]), "recomputed_steps": int(s["recomputed_steps"])})
+        "recomputed_s": float(s["recomputed_s"]), "recomputed_steps": int(s["recomputed_steps"]),
+        # Records written before rollbacks existed lack these two.
+        "rolled_back_s": float(s.get("rolled_back_s", 0.0)),
+        "rolled_back_steps": int(s.get("rolled_back_steps", 0))})
   return {"version": VERSION, "unaccounted_s": float(record["unaccounted_s"]),
           "unrecorded_steps": int(record["unrecorded_steps"]), "sessions": sessions}
 
@@ -110,8 +116,9 @@ def totals(record: dict[str, Any]) -> dict[str, float]:
     span = max(0.0, s["last_write"] - s["start"])
     counted = sum(s["seconds"].values())
     wall += span
-    out["productive"] += s["seconds"]["productive"] - s["recomputed_s"]
+    out["productive"] += s["seconds"]["productive"] - s["recomputed_s"] - s["rolled_back_s"]
     out["recomputed"] += s["recomputed_s"]
+    out["rollback"] += s["rolled_back_s"]
     for c in CAUSES:
       out[c] += s["seconds"][c]
     out["other"] += max(0.0, span - counted)
@@ -234,6 +241,28 @@ class Recorder:
     self._session.update(restored_step=step, last_step=step, kept_step=step)
     self._write(self._clock())
 
+  def rolled_back(self, to_step: int) -> None:
+    """The guard rolled the run back to checkpoint `to_step`: the productive time of the steps
+    after it, in this session and earlier ones, moves to `rollback`. The session goes on as a new
+    one restored at `to_step` (the step-to-time marks of the old one stay consistent)."""
+    if not self._enabled:
+      return
+    now = self._clock()
+    self._attribute(now)
+    self._pending = 0.0
+    sessions = self._record["sessions"]
+    for s in sessions:
+      if s["restored_step"] is not None and s["kept_step"] > to_step:
+        kept = max(int(to_step), s["restored_step"])
+        s["rolled_back_s"] += _productive_at(s, s["kept_step"]) - _productive_at(s, kept)
+        s["rolled_back_steps"] += s["kept_step"] - kept
+        s["kept_step"] = kept
+    self._session["end"], self._session["last_write"] = "rollback", now
+    self._session = _new_session(now)
+    self._session.update(restored_step=int(to_step), last_step=int(to_step), kept_step=int(to_step))
+    sessions.append(self._session)
+    self._write(now)
+
   @contextlib.contextmanager
   def phase(self, name: str) -> Iterator[None]:
     """Counts the time inside the block as `name` (one of CAUSES), not as step time."""
@@ -291,6 +320,7 @@ class Recorder:
       out[f"goodput/{b}_share"] = t[b] / denominator
     sessions = self._record["sessions"]
     out["goodput/recomputed_steps"] = sum(s["recomputed_steps"] for s in sessions)
+    out["goodput/rollback_steps"] = sum(s["rolled_back_steps"] for s in sessions)
     out["goodput/unrecorded_steps"] = self._record["unrecorded_steps"]
     out["goodput/unaccounted_s"] = self._record["unaccounted_s"]
     out["goodput/sessions"] = len(sessions)
@@ -326,6 +356,9 @@ class Recorder:
       if share >= 0.0005:
         steps = int(v["goodput/recomputed_steps"])
         parts.append(f"{b} {100 * share:.1f}%" + (f" ({steps} steps)" if b == "recomputed" else ""))
+    thrown = int(v["goodput/rollback_steps"])
+    parts = [p + f" ({thrown} steps thrown away)" if thrown and p.startswith("rollback ") else p
+             for p in parts]
     if parts:
       line += "; badput: " + ", ".join(parts)
     killed = sum(s["end"] == "killed" for s in self._record["sessions"])

@@ -29,6 +29,7 @@ from vae_scale.eval import evaluator
 from vae_scale.eval import report
 from vae_scale.interop import weights
 from vae_scale.models import frozen_weights
+from vae_scale.run import faults
 from vae_scale.run import preemption
 from vae_scale.run import resume
 from vae_scale.run import session as session_lib
@@ -122,21 +123,38 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   if restored is None and init_params is not None:
     logging.info("Initialized the autoencoder from %s", config.init_from)
   position = resume.data_position(restored, config, repr(train_source))
-  # This process loads the rows of each global batch that the mesh puts on its devices, from the
-  # global position: the same global batches for any process or device count.
-  train_iter = iter(pipeline.create_train_dataset(
-      config, process, processes, train_source, workdir=workdir, start=position.global_examples,
-      rows=sharding.process_rows(mesh, config.global_batch_size)))
+  rows = sharding.process_rows(mesh, config.global_batch_size)
+
+  def stream(at: Any) -> Any:
+    # This process loads the rows of each global batch that the mesh puts on its devices, from
+    # the global position: the same global batches for any process or device count.
+    return iter(pipeline.create_train_dataset(config, process, processes, train_source,
+                                              workdir=workdir, start=at.global_examples,
+                                              rows=rows))
+
+  train_iter = stream(position)
   start_step = position.step
   if start_step:
     logging.info("Resuming at step %d", start_step)
+  corrupt = faults.from_env()  # None unless a test asks.
 
   writer = metric_writers.create_default_writer(workdir, just_logging=process > 0,
                                                 asynchronous=True)
   if start_step == 0:
     writer.write_hparams(_hparams(config))
-  progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                             writer=writer, every_steps=config.log_every_steps)
+
+  def progress_hooks(at: int) -> tuple[periodic_actions.ReportProgress, list[Any]]:
+    """CLU's progress report (steps/s, ETA) and profiler from step `at` (again after a rollback:
+    they count steps one by one)."""
+    progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                               writer=writer, every_steps=config.log_every_steps)
+    hooks = [progress] if process == 0 else []
+    if process == 0 and config.profile_steps:
+      hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                            logdir=workdir, first_profile=at + config.log_every_steps))
+    return progress, hooks
+
+  progress, hooks = progress_hooks(start_step)
   scorer = evaluator.Evaluator(config, mesh, kinds=("reconstructions",),
                                lpips_params=nets.get("lpips"),
                                inception_params=nets.get("inception"))
@@ -149,6 +167,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     params = state.ema_params if state.ema_params is not None else state.params
     with session.phase("eval"), progress.timed("eval"):
       result, grids = scorer(params, eval_ds, processes)
+    session.note_eval(step, report.scalars(result, "eval"))
     files = report.publish(writer, step, result,
                            {"reconstructions": grids["reconstructions"]} if write_images else {},
                            prefix="eval", png_dir=epath.Path(workdir) / "images",
@@ -159,35 +178,44 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   def log_and_evaluate(step: int) -> None:
     last = step == config.num_train_steps
     if step % config.log_every_steps == 0 or last:
-      writer.write_scalars(step, {**train_metrics.flush(step), **session.scalars()})
+      values = {**train_metrics.flush(step), **session.scalars()}
+      writer.write_scalars(step, values)
+      session.observe(step, values, state)  # The guard: roll back after a spike or NaNs.
     if step % config.eval_every_steps == 0 or step % config.image_every_steps == 0 or last:
       evaluate(step)
 
-  session.add_hooks([progress] if process == 0 else [])
-  if process == 0 and config.profile_steps:
-    session.add_hooks([periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                                logdir=workdir,
-                                                first_profile=start_step + config.log_every_steps)])
-  session.add_hooks([log_and_evaluate])
+  session.hooks = [*hooks, log_and_evaluate]
 
   with metric_writers.ensure_flushes(writer):
     if start_step == 0:
       evaluate(0)
-    for step in range(start_step, config.num_train_steps):
+    step = start_step
+    while step < config.num_train_steps:
       # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
       variant = "gan" if progs.gan_step is not None and step >= config.disc.start_step else "ae"
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with session.phase("data"):
           local = next(train_iter)
+        if corrupt is not None:
+          local = corrupt(local, position.at(step), position.at(step + 1))
         batch = sharding.global_batch(
             {k: v for k, v in local.items() if k != skipping.SKIPPED_KEY}, mesh)
         state, metrics = session.run_step(
-            variant, progs.gan_step if variant == "gan" else progs.ae_step, state, batch)
+            variant, progs.gan_step if variant == "gan" else progs.ae_step, state, batch,
+            session.lr_scale(step))
       train_metrics.add(metrics, local)
-      session.after_step(step + 1, state, position)
+      step += 1
+      rolled = session.after_step(step, state, position)
+      if rolled is not None:  # The guard rolled back: that checkpoint, and the data past the window.
+        state = resume.state_from(rolled, progs.abstract_state, progs.init)
+        position = resume.data_position(rolled, config, repr(train_source))
+        train_iter, step = stream(position), position.step
+        train_metrics = TrainMetrics(config, step)
+        progress, hooks = progress_hooks(step)
+        session.hooks = [*hooks, log_and_evaluate]
   summary = session.close()
   if process == 0:
-    logging.info("Finished at step %d.\n%s", config.num_train_steps,
-                 report.history_summary(report.read_history(workdir)))
+    logging.info("Finished at step %d.\n%s", config.num_train_steps, report.history_summary(
+        report.read_history(workdir), report.read_events(workdir)))
   logging.info("%s", summary)
   return state

@@ -32,21 +32,19 @@ Fields in only one of the configs (another vae_scale version) are `continue` wit
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
 
 import ml_collections
 from absl import logging
-from etils import epath
 
 from vae_scale.config import schema
 from vae_scale.config import serialize
 from vae_scale.errors import ConfigError
+from vae_scale.run import resume_log
 from vae_scale.training import optim
 
-RESUME_LOG = "resume_log.jsonl"
 KINDS = ("architecture", "ema", "disc", "freeze", "data", "continue")
 LR_JUMP = 0.01  # Relative change of the learning rate at the resume step that is warned about.
 LDM_BASE_LEARNING_RATE = 4.5e-6  # LDM: learning rate = this x global batch (configs/pods.py).
@@ -317,23 +315,13 @@ def reconcile(old: dict[str, Any] | str, new: ml_collections.ConfigDict, step: i
 
 def append_resume_log(workdir: str | os.PathLike, step: int, resume_plan: Plan, *,
                       enabled: bool = True, clock=time.time) -> None:
-  """Appends one JSON object per change to WORKDIR/resume_log.jsonl; a no-op unless `enabled`.
-
-  Objects: time (`clock()`), step, field, old, new ("<absent>" for a missing field), kind, warn,
-  message (the plan's line). Read-modify-write and an atomic replace: works on gs:// (no appends
-  there), and a kill mid-write leaves the previous file whole.
-  """
-  if not enabled or not resume_plan.changes:
+  """Appends one entry per change to WORKDIR/resume_log.jsonl (`resume_log`); a no-op unless
+  `enabled`. Entries: time (`clock()`), step, field, old, new ("<absent>" for a missing field),
+  kind, warn, message (the plan's line)."""
+  if not enabled:
     return
   now, _json = clock(), lambda v: repr(v) if v is ABSENT else v
-  entries = [json.dumps({"time": now, "step": step, "field": c.field, "old": _json(c.old),
-                         "new": _json(c.new), "kind": c.kind, "warn": c.warn,
-                         "message": line}, sort_keys=True)
-             for c, line in zip(resume_plan.changes, resume_plan.lines)]
-  path = epath.Path(workdir) / RESUME_LOG
-  text = path.read_text() if path.exists() else ""
-  text += "\n" if text and not text.endswith("\n") else ""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{RESUME_LOG}.tmp-{os.getpid()}")
-  tmp.write_text(text + "".join(e + "\n" for e in entries))
-  tmp.replace(path)
+  resume_log.append(workdir, [
+      {"time": now, "step": step, "field": c.field, "old": _json(c.old), "new": _json(c.new),
+       "kind": c.kind, "warn": c.warn, "message": line}
+      for c, line in zip(resume_plan.changes, resume_plan.lines)])

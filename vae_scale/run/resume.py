@@ -78,43 +78,60 @@ def restore_latest(manager: ocp.CheckpointManager, *, config: ml_collections.Con
     ConfigError: the checkpoint holds another architecture (nothing on disk is touched).
     DataError: the data position was written by a newer vae_scale.
   """
+  for step in sorted(manager.all_steps(), reverse=True):
+    restored = restore_at(manager, step, config=config, workdir=workdir,
+                          abstract_state=abstract_state, replicated=replicated,
+                          data_source=data_source)
+    if restored is not None:
+      return restored
+  return None
+
+
+def restore_at(manager: ocp.CheckpointManager, step: int, *, config: ml_collections.ConfigDict,
+               workdir: str, abstract_state: Any, replicated: Any, data_source: str = "",
+               log_plan: bool = True) -> Restored | None:
+  """Checkpoint `step` planned against `config`, or None when it is damaged (then quarantined).
+
+  Args: as `restore_latest`; log_plan: log the config changes and append them to the resume log.
+  Raises: as `restore_latest`.
+  """
   directory = epath.Path(manager.directory)
   wanted = state_tree.leaf_shapes(abstract_state)
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      tree, old_config, error = (checkpoints.stored_tree(directory, step),
-                                 checkpoints.stored_config(directory, step), None)
-    except Exception as e:  # pylint: disable=broad-except
-      tree, old_config, error = None, None, e
-    if not checkpoints.all_ok(error is None):
-      checkpoints.quarantine(manager, step, _first_line(error, "another process could not read it"))
-      continue
-    stored = state_tree.leaf_shapes(tree)
-    if old_config is not None:  # Names exact differences; refuses another architecture.
-      plan = reconcile.reconcile(old_config, config, step, workdir)
-    else:  # Written before configs were stored: the tree says what differs.
-      plan = reconcile.Plan(step, reset_data=False)
-      state_tree.log_difference(step, stored, wanted)
-    if any(stored.get(k) != s for k, s in wanted.items() if k.startswith("params/")) or any(
-        k.startswith("params/") and k not in wanted for k in stored):
-      raise state_tree.architecture_refusal(workdir, step, stored, wanted)
+  try:
+    tree, old_config, error = (checkpoints.stored_tree(directory, step),
+                               checkpoints.stored_config(directory, step), None)
+  except Exception as e:  # pylint: disable=broad-except
+    tree, old_config, error = None, None, e
+  if not checkpoints.all_ok(error is None):
+    checkpoints.quarantine(manager, step, _first_line(error, "another process could not read it"))
+    return None
+  stored = state_tree.leaf_shapes(tree)
+  if old_config is not None:  # Names exact differences; refuses another architecture.
+    plan = reconcile.reconcile(old_config, config, step, workdir)
+  else:  # Written before configs were stored: the tree says what differs.
+    plan = reconcile.Plan(step, reset_data=False)
+    state_tree.log_difference(step, stored, wanted)
+  if any(stored.get(k) != s for k, s in wanted.items() if k.startswith("params/")) or any(
+      k.startswith("params/") and k not in wanted for k in stored):
+    raise state_tree.architecture_refusal(workdir, step, stored, wanted)
+  if log_plan:
     plan.log()
     reconcile.append_resume_log(workdir, step, plan, enabled=jax.process_index() == 0)
-    try:
-      raw = checkpoints.restore_stored(manager, step, tree, replicated)
-      # A changed data source or seed restarts the stream at the beginning of the new order.
-      start = 0 if plan.reset_data else data_start(
-          checkpoints.data_record_dir(directory, step), step, config, old_config, data_source)
-      error = None
-    except DataError:
-      raise  # A newer format is the user's to resolve, not a damaged checkpoint.
-    except Exception as e:  # pylint: disable=broad-except
-      raw, error = None, e
-    if checkpoints.all_ok(error is None):
-      logging.info("Restored checkpoint %d from %s; the data continues at global example %d",
-                   step, directory, start)
-      return Restored(step, raw, plan, start)
-    checkpoints.quarantine(manager, step, _first_line(error, "another process failed to restore it"))
+  try:
+    raw = checkpoints.restore_stored(manager, step, tree, replicated)
+    # A changed data source or seed restarts the stream at the beginning of the new order.
+    start = 0 if plan.reset_data else data_start(
+        checkpoints.data_record_dir(directory, step), step, config, old_config, data_source)
+    error = None
+  except DataError:
+    raise  # A newer format is the user's to resolve, not a damaged checkpoint.
+  except Exception as e:  # pylint: disable=broad-except
+    raw, error = None, e
+  if checkpoints.all_ok(error is None):
+    logging.info("Restored checkpoint %d from %s; the data continues at global example %d",
+                 step, directory, start)
+    return Restored(step, raw, plan, start)
+  checkpoints.quarantine(manager, step, _first_line(error, "another process failed to restore it"))
   return None
 
 

@@ -16,16 +16,20 @@ both preemption (the fault injection of tests) and goodput:
   eval        an evaluation
   checkpoint  a save (or waiting for one to commit)
 
+  rollback    rolling back to an earlier checkpoint (the guard)
+
 and calls it at three points: `restore` once, `run_step` for each step, `after_step` after each step
-(hooks such as logging and evaluation, then save or stop). A SIGTERM or preemption notice ends the run
-in `after_step`: the reached step is saved and `Preempted` raised (exit 42).
+(hooks such as logging and evaluation, then roll back, save or stop). A SIGTERM or preemption notice
+ends the run in `after_step`: the reached step is saved and `Preempted` raised (exit 42). The
+loop's log hook hands the logged metrics to `observe`, where the guard (`run.guard`) judges them;
+a verdict makes the next `after_step` roll back and return the checkpoint to continue from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -37,12 +41,14 @@ from vae_scale.errors import NonFiniteError
 from vae_scale.errors import Preempted
 from vae_scale.run import checkpoints
 from vae_scale.run import cloud
+from vae_scale.eval import report
 from vae_scale.run import goodput
+from vae_scale.run import guard as guard_lib
 from vae_scale.run import lease as lease_lib
 from vae_scale.run import preemption
 from vae_scale.run import resume
 
-PHASES = ("startup", "restore", "compile", "data", "step", "eval", "checkpoint")
+PHASES = ("startup", "restore", "compile", "data", "step", "eval", "checkpoint", "rollback")
 Hook = Callable[[int], None]
 
 
@@ -99,7 +105,13 @@ class Session:
     except BaseException:
       self._exit.close()
       raise
-    self.hooks: list[Hook] = []
+    self.hooks: list[Hook] = []  # Called with the step after each step, before saving, in order.
+    self.guard = guard_lib.Guard(config)
+    self._verdict: guard_lib.Verdict | None = None  # Seen at a log step, acted on after it.
+    self._unhealthy = False  # A verdict the guard (off) did not act on: later saves are suspect.
+    self._evaluated: tuple[int, dict[str, float]] = (-1, {})
+    self._restore_target: tuple[Any, Any] | None = None  # (abstract state, sharding).
+    self._lr_scaled_until = -1
     self._compiled: set[str] = set()
     self._pending_commit: int | None = None  # A step whose asynchronous save may not be done.
 
@@ -147,6 +159,7 @@ class Session:
               data_source: str = "") -> resume.Restored | None:
     """The newest usable checkpoint planned against the config (`resume.restore_latest`), or None;
     tells goodput where this session starts and JAX's preemption sync where it stands."""
+    self._restore_target = (abstract_state, replicated)
     with self.phase("restore"):
       restored = resume.restore_latest(
           self.manager, config=self.config, workdir=self.workdir, abstract_state=abstract_state,
@@ -161,25 +174,63 @@ class Session:
       self.manager.reached_preemption(start)
     return restored
 
-  def run_step(self, variant: str, step_fn: Callable[[Any, Any], tuple[Any, Any]], state: Any,
-               batch: Any) -> tuple[Any, Any]:
-    """`step_fn(state, batch)`; its first call per `variant` is the compile phase (timed to the
-    end of the step), the others the step phase (dispatched asynchronously)."""
+  def run_step(self, variant: str, step_fn: Callable[..., tuple[Any, Any]], state: Any,
+               batch: Any, lr_scale: float = 1.0) -> tuple[Any, Any]:
+    """`step_fn(state, batch, lr_scale)`; its first call per `variant` is the compile phase (timed
+    to the end of the step), the others the step phase (dispatched asynchronously)."""
     if variant in self._compiled:
       with self.phase("step"):
-        return step_fn(state, batch)
+        return step_fn(state, batch, lr_scale)
     with self.phase("compile"):
-      out = step_fn(state, batch)
+      out = step_fn(state, batch, lr_scale)
       jax.block_until_ready(out[1])
     self._compiled.add(variant)
     return out
 
-  def after_step(self, step: int, state: Any, data_position: sampler.DataPosition) -> None:
-    """After `step` steps: the hooks (logging, evaluation), then save on the checkpoint interval,
-    at the last step and when preempted.
+  def lr_scale(self, step: int) -> float:
+    """The learning-rate factor of the step after `step` (guard.lr_factor after a rollback)."""
+    return float(self.config.guard.lr_factor) if step < self._lr_scaled_until else 1.0
+
+  def observe(self, step: int, values: dict[str, float], state: Any) -> None:
+    """At a log step: the guard judges the window's logged scalars (`values`) and the current
+    non-finite streak (read from `state` here, at log steps only).
 
     Raises:
-      NonFiniteError: optimizer.max_consecutive_nonfinite steps in a row were not finite.
+      NonFiniteError: the guard is off and the streak reached optimizer.max_consecutive_nonfinite.
+    """
+    verdict = self.guard.observe(step, values, int(state.opt_state.notfinite_count))
+    if verdict is None:
+      self._unhealthy = False
+    elif self.guard.enabled:
+      self._verdict = verdict
+    elif verdict.trigger == "nonfinite":
+      self.wait_for_saves()
+      raise NonFiniteError(
+          f"{verdict.streak} consecutive steps up to step {step} had a non-finite loss or gradient "
+          f"(optimizer.max_consecutive_nonfinite={self.guard.max_nonfinite}, guard off); those "
+          f"updates were skipped, and the latest checkpoint {self.manager.latest_step()} holds the "
+          "last good state. Lower the learning rate, enable optimizer.grad_clip_norm, or check the "
+          "data.")
+    else:
+      self._unhealthy = True
+      logging.warning("guard (off): %s at step %d; checkpoints from here on are marked unhealthy",
+                      verdict.detail, step)
+
+  def note_eval(self, step: int, metrics: dict[str, float]) -> None:
+    """The held-out metrics evaluated at `step` ('eval/psnr', ...), for checkpoint.keep_best."""
+    self._evaluated = (step, metrics)
+
+  def after_step(self, step: int, state: Any,
+                 data_position: sampler.DataPosition) -> resume.Restored | None:
+    """After `step` steps: the hooks (logging, evaluation), then a rollback if the guard saw
+    trouble, else save on the checkpoint interval, at the last step, at evaluations when keeping
+    the best, and when preempted.
+
+    Returns:
+      None; or after a rollback, the checkpoint to continue from (`resume.state_from` builds the
+      state, `resume.data_position` the stream's new position past the skipped window).
+    Raises:
+      Diverged: the guard's rollbacks are used up (exit 3); NonFiniteError: the same, guard off.
       Preempted: a SIGTERM or preemption notice arrived; `step` was saved.
     """
     self.watch.steps_completed()
@@ -189,16 +240,20 @@ class Session:
     if self.lease is not None:
       self.lease.check()  # Another run took the workdir over: stop without writing to it.
     self._note_commit()
-    self._check_finite(step, state)
     for hook in self.hooks:
       hook(step)
+    if self._verdict is not None:
+      return self._roll_back(data_position)
     preempted = (self.watch.requested() if self.process_count == 1
                  else self.manager.reached_preemption(step))
     last = step == self.config.num_train_steps
-    if (step % self.config.checkpoint_every_steps == 0 or last or preempted) and (
-        self.manager.latest_step() != step):
+    evaluated = self._evaluated[1] if self._evaluated[0] == step else {}
+    keep_best = self.config.checkpoint.keep_best
+    if (step % self.config.checkpoint_every_steps == 0 or last or preempted or (
+        keep_best and keep_best in evaluated)) and self.manager.latest_step() != step:
       with self.phase("checkpoint"):
-        checkpoints.save(self.manager, step, state, data_position, self.config)
+        checkpoints.save(self.manager, step, state, data_position, self.config,
+                         healthy=not self._unhealthy, metrics=evaluated)
       if self._pending_commit is not None:  # Orbax finishes a save before it starts the next.
         self.recorder.checkpoint_committed(self._pending_commit)
       self._pending_commit = step
@@ -236,17 +291,21 @@ class Session:
       self.recorder.checkpoint_committed(self._pending_commit)
       self._pending_commit = None
 
-  def _check_finite(self, step: int, state: Any) -> None:
-    limit = self.config.optimizer.max_consecutive_nonfinite
-    if not limit or int(state.opt_state.notfinite_count) < limit:
-      return
+  def _roll_back(self, data_position: sampler.DataPosition) -> resume.Restored:
+    """Acts on the guard's verdict (`guard.roll_back`); records it in goodput and the history."""
+    verdict, self._verdict = self._verdict, None
     self.wait_for_saves()
-    raise NonFiniteError(
-        f"{int(state.opt_state.notfinite_count)} consecutive steps up to step {step} had a "
-        f"non-finite loss or gradient (optimizer.max_consecutive_nonfinite={limit}); those updates "
-        f"were skipped, and the latest checkpoint {self.manager.latest_step()} holds the last good "
-        "state. Lower the learning rate, enable optimizer.grad_clip_norm, or check the data.")
-
-  def add_hooks(self, hooks: Sequence[Hook]) -> None:
-    """Hooks called with the step after each step, before the save (in order)."""
-    self.hooks.extend(hooks)
+    suspect = max(self.config.log_every_steps, verdict.streak)
+    abstract_state, replicated = self._restore_target
+    with self.phase("rollback"):
+      restored = guard_lib.roll_back(
+          verdict, manager=self.manager, config=self.config, workdir=self.workdir,
+          abstract_state=abstract_state, replicated=replicated, position=data_position,
+          suspect_steps=suspect)
+    self.recorder.rolled_back(restored.step)
+    self.guard.reset()
+    self._lr_scaled_until = restored.step + self.config.guard.lr_steps
+    if self.chief:
+      report.append_event(self.workdir, verdict.step,
+                          f"rollback ({verdict.trigger}): back to step {restored.step}")
+    return restored

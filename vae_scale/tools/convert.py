@@ -7,7 +7,7 @@ frozen feature networks (LPIPS-VGG for the loss and evaluation, pytorch-fid's In
 
   # A trained run (EMA weights when it has them) -> a folder `AutoencoderKL.from_pretrained` loads.
   python -m vae_scale.convert export --config=configs/ldm_f8.py --workdir=RUN --out=DIR \
-      [--step=N] [--latents=LATENTS_DIR] [--format=diffusers|ldm]
+      [--step=N|best] [--latents=LATENTS_DIR] [--format=diffusers|ldm]
 
   # LPIPS-VGG v0.1 -> one safetensors file for config.loss.lpips_weights / evaluate --lpips_weights.
   # Defaults: torchvision's cached vgg16-397923af.pth and the lpips package's v0.1/vgg.pth.
@@ -68,7 +68,8 @@ def define_flags() -> dict[str, Any]:
       "lin": f.DEFINE_string("lin", None, "lpips: the LPIPS v0.1 lin weights (default: "
                              "lpips/weights/v0.1/vgg.pth of the installed lpips package)."),
       "workdir": f.DEFINE_string("workdir", None, "export: the run directory to export from."),
-      "step": f.DEFINE_integer("step", None, "export: checkpoint step (default: the latest)."),
+      "step": cli.define_step_flag("export: checkpoint step, or 'best' (by the run's "
+                                   "checkpoint.keep_best); default: the latest."),
       "weights": f.DEFINE_enum("weights", "auto", ["auto", "ema", "params"],
                                "export: auto = EMA weights when the run has them."),
       "format": f.DEFINE_enum("format", "diffusers", ["diffusers", "ldm"], "export format."),

@@ -1,7 +1,7 @@
 r"""Encodes a dataset into latents for training a diffusion model in the autoencoder's latent space.
 
   python -m vae_scale.encode --config=configs/ldm_f8.py --workdir=RUN --output_dir=LATENTS \
-      [--split=train] [--mode=mean|sample] [--dtype=float16] [--step=N] [--params=PATH]
+      [--split=train] [--mode=mean|sample] [--dtype=float16] [--step=N|best] [--params=PATH]
 
 Every image of the split is read once in a fixed order (center crops, as evaluation sees them).
 Each process of a multi-host run encodes its share `[process_index::process_count]` on its own

@@ -1,6 +1,6 @@
 r"""Evaluates a trained autoencoder on the held-out set: numbers, TensorBoard and image grids.
 
-  python -m vae_scale.evaluate --config=configs/ldm_f8.py --workdir=RUN [--step=N] \
+  python -m vae_scale.evaluate --config=configs/ldm_f8.py --workdir=RUN [--step=N|best] \
       [--output_dir=RUN/eval] [--num_images=N] [--weights=auto|ema|params] [--params=PATH] \
       [--inception_weights=inception.safetensors] [--lpips_weights=lpips_vgg.safetensors]
 

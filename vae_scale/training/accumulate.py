@@ -49,7 +49,8 @@ def split(a: Array, k: int) -> Array:
 
 
 def accumulated_step(state: TrainState, x: Array, lpips_params: Any, step_rng: Array,
-                     kl_weight: Array, disc_factor: Array, *, cfg: StepConfig
+                     kl_weight: Array, disc_factor: Array, lr_scale: Array | None = None, *,
+                     cfg: StepConfig
                      ) -> tuple[TrainState, Any]:
   """`steps.train_step` over k = cfg.grad_accum_steps micro-batches of `x` [B, H, W, 3].
 
@@ -111,7 +112,7 @@ def accumulated_step(state: TrainState, x: Array, lpips_params: Any, step_rng: A
     grads = jax.tree.map(lambda r, g: r + d_weight * disc_factor * g, grads, mean["gen_grads"])
     loss = loss + d_weight * disc_factor * m["g_loss"]
     adv["d_weight"] = d_weight
-  new_state, opt_state = step_parts.apply_update(state, grads, cfg)
+  new_state, opt_state = step_parts.apply_update(state, grads, cfg, lr_scale)
   disc_out = dict.fromkeys(["d_loss", "logits_real", "logits_fake", "disc_accuracy"], zero)
   if cfg.adversarial:
     d_updates, d_opt = cfg.disc_tx.update(mean["d_grads"], state.disc_opt_state,
@@ -127,4 +128,4 @@ def accumulated_step(state: TrainState, x: Array, lpips_params: Any, step_rng: A
   quality = {k_: m[k_] for k_ in m if k_ in ("psnr", "ssim", "latent_std") or
              k_.startswith("kl_channel_")}
   return new_state, step_parts.collect_metrics(cfg, state, loss, grads, opt_state, terms, adv,
-                                          disc_out, quality, disc_factor)
+                                               disc_out, quality, disc_factor, lr_scale)

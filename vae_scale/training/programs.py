@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from vae_scale.training import sharding
@@ -47,8 +48,9 @@ class TrainPrograms:
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-  """A jitted `(state, batch, lpips_params)` step, or its Lowered / Compiled stage, with the frozen
-  LPIPS params bound: called and lowered as `(state, batch)`, like a step without them.
+  """A jitted `(state, batch, lpips_params, lr_scale)` step, or its Lowered / Compiled stage, with
+  the frozen LPIPS params bound: called as `(state, batch[, lr_scale])` and lowered as
+  `(state, batch)`, like a step without them.
 
   The params are a replicated jit argument, not a constant closed over (which XLA would embed in
   the program) and not state (they are never trained or checkpointed). Other attributes
@@ -58,11 +60,12 @@ class Bound:
   stage: Any
   lpips_params: Any = None
 
-  def __call__(self, state: Any, batch: Any) -> Any:
-    return self.stage(state, batch, self.lpips_params)
+  def __call__(self, state: Any, batch: Any, lr_scale: float = 1.0) -> Any:
+    return self.stage(state, batch, self.lpips_params, np.float32(lr_scale))
 
   def lower(self, state: Any, batch: Any) -> "Bound":
-    return Bound(self.stage.lower(state, batch, self.lpips_params), self.lpips_params)
+    return Bound(self.stage.lower(state, batch, self.lpips_params, np.float32(1.0)),
+                 self.lpips_params)
 
   def compile(self) -> "Bound":
     return Bound(self.stage.compile(), self.lpips_params)
@@ -79,7 +82,8 @@ def jit_train_step(step_cfg: train_state.StepConfig, state_sharding: Any, mesh: 
   jitted with shardings, the state donated."""
   repl = sharding.replicated(mesh)
   jitted = jax.jit(functools.partial(steps.train_step, cfg=step_cfg),
-                   in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}, repl),
+                   in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}, repl,
+                                 repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
   return Bound(jitted, lpips_params)
 

@@ -81,9 +81,17 @@ def last_layer_grads(cfg: StepConfig, x: Array, h: Array, recon: Array, params: 
   return rec_grad, g_grad
 
 
-def apply_update(state: TrainState, grads: Any, cfg: StepConfig) -> tuple[TrainState, Any]:
-  """The optimizer step of the autoencoder (and its EMA) with `grads`; returns (state, opt_state)."""
+def apply_update(state: TrainState, grads: Any, cfg: StepConfig,
+                 lr_scale: Array | None = None) -> tuple[TrainState, Any]:
+  """The optimizer step of the autoencoder (and its EMA) with `grads`; returns (state, opt_state).
+
+  `lr_scale` (a scalar, None = 1) multiplies the update: Adam's update is linear in the learning
+  rate, so this scales the rate for the guard's cautious steps after a rollback without touching
+  the optimizer state's structure.
+  """
   updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
@@ -132,12 +140,13 @@ def image_metrics(x: Array, recon: Array, post: Any) -> dict[str, Array]:
 
 def collect_metrics(cfg: StepConfig, state: TrainState, loss: Array, grads: Any, opt_state: Any,
                     terms: dict[str, Array], adv: dict[str, Array], disc_out: dict[str, Array],
-                    quality: dict[str, Array], disc_factor: Array) -> Any:
+                    quality: dict[str, Array], disc_factor: Array,
+                    lr_scale: Array | None = None) -> Any:
   """The step's metrics collection (`train_state.train_metric_names`)."""
   outputs = dict(terms)
   outputs.update(adv, **disc_out, **quality)
   outputs.update(
-      loss=loss, grad_norm=optax.global_norm(grads), learning_rate=cfg.schedule(state.step),
+      loss=loss, grad_norm=optax.global_norm(grads), learning_rate=cfg.schedule(state.step) * (1.0 if lr_scale is None else lr_scale),
       nonfinite_skipped=1.0 - jnp.asarray(opt_state.last_finite, jnp.float32),
       disc_factor=disc_factor)
   names = train_state.train_metric_names(cfg.z_channels, perceptual=cfg.perceptual_weight > 0)

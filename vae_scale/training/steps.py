@@ -17,8 +17,8 @@ from vae_scale.training.train_state import TrainState
 Array = jax.Array
 
 
-def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = None, *,
-               cfg: StepConfig) -> tuple[TrainState, Any]:
+def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = None,
+               lr_scale: Array | None = None, *, cfg: StepConfig) -> tuple[TrainState, Any]:
   """One optimizer step of the autoencoder (and, when `cfg.adversarial`, of the discriminator).
 
   Args:
@@ -26,6 +26,8 @@ def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = N
     batch: {'image': [B, H, W, 3] float32 in [-1, 1]}, the global batch.
     lpips_params: frozen LPIPS-VGG params (flat dict of arrays), an argument rather than state: they
       are never trained, checkpointed or given to the optimizer. None when the loss has no LPIPS.
+    lr_scale: float32 scalar multiplying this step's learning rate (the guard's cautious steps
+      after a rollback); None = 1.
     cfg: static parts.
   Returns:
     (new state, metrics collection of this step).
@@ -57,10 +59,10 @@ def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = N
 
   if cfg.grad_accum_steps > 1:  # k micro-batches inside this one step (`accumulate`).
     return accumulate.accumulated_step(state, x, lpips_params, step_rng, kl_weight, disc_factor,
-                                       cfg=cfg)
+                                       lr_scale, cfg=cfg)
   (loss, (terms, adv, recon, post)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  new_state, opt_state = step_parts.apply_update(state, grads, cfg)
+  new_state, opt_state = step_parts.apply_update(state, grads, cfg, lr_scale)
   disc_out = dict.fromkeys(["d_loss", "logits_real", "logits_fake", "disc_accuracy"],
                            jnp.zeros((), jnp.float32))
   if cfg.adversarial:
@@ -68,4 +70,5 @@ def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = N
                                                            state.disc_stats, x, recon, disc_factor)
     new_state, disc_out = step_parts.apply_disc_update(state, new_state, d_loss, stats, lr, lf, d_grads, cfg)
   return new_state, step_parts.collect_metrics(cfg, state, loss, grads, opt_state, terms, adv, disc_out,
-                                    step_parts.image_metrics(x, recon, post), disc_factor)
+                                    step_parts.image_metrics(x, recon, post), disc_factor,
+                                    lr_scale)
