@@ -18,13 +18,15 @@ Commit points, so a reader never opens a half-written dataset:
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core.dataset_builders import adhoc_builder
 
 from vae_scale.data import pack_report
@@ -89,10 +91,34 @@ def build(builder_cls: type[PackedImages], name: str, data_dir: str,
                         description=description, file_format="array_record", **builder_kwargs)
   if builder.is_prepared():  # The caller removes an old dataset first; never reuse one silently.
     raise RuntimeError(f"{builder.data_dir} is already prepared")
-  builder.download_and_prepare(
-      download_dir=download_dir, file_format="array_record",
-      download_config=tfds.download.DownloadConfig(beam_options=beam_options))
+  with _sorted_feature_maps():
+    builder.download_and_prepare(
+        download_dir=download_dir, file_format="array_record",
+        download_config=tfds.download.DownloadConfig(beam_options=beam_options))
   return epath.Path(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _sorted_feature_maps() -> Iterator[None]:
+  """Makes TFDS serialize each tf.train.Example with its features in sorted order, while it builds.
+
+  TFDS calls `SerializeToString()`, and protobuf writes a map (an Example's features) in its hash
+  table's order, which differs from process to process: the same examples became other bytes in
+  another process (measured: identical examples, different shards). Sorted, the shards are the
+  same bytes on every run. Scoped to the build; Beam workers in other processes (a distributed
+  runner) do not get it: same examples, possibly other bytes.
+  """
+  cls = example_serializer.ExampleSerializer
+  original = cls.serialize_example
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+  cls.serialize_example = serialize_example
+  try:
+    yield
+  finally:
+    cls.serialize_example = original
 
 
 # --------------------------------------------------------------------------- what is there

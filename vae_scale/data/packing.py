@@ -98,7 +98,10 @@ def _displayed_size(data: bytes) -> tuple[int, int]:
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-  """uint8 RGB [H, W, 3] as a baseline JPEG, 4:2:0 chroma (explicit: same bytes on any Pillow)."""
+  """uint8 RGB [H, W, 3] as a baseline JPEG with 4:2:0 chroma (explicit: the same bytes on any
+  Pillow). Half-resolution chroma costs nothing at the default max_side = 2 x image_size: the
+  trainer halves the image again (shorter side to image_size) before it crops, so the crop's
+  chroma is full resolution; 4:4:4 would cost ~30% more bytes (measured on 1600x1200 photos)."""
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling="4:2:0",
                               optimize=False, progressive=False)

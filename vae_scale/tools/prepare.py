@@ -164,11 +164,14 @@ def _pack_units(units: list[image_collections.Unit], work: epath.Path,
                map(staging.pack_and_stage_task, tasks))
     for count, outcomes in results:
       images += count
-      for reason, message in outcomes:
-        if reason:
-          bad.failed(message, tries_for_example=1)
-        else:
-          bad.good()
+      try:
+        for reason, message in outcomes:
+          if reason:
+            bad.failed(message, tries_for_example=1)
+          else:
+            bad.good()
+      except DataError as e:  # The trainer's rule, in the prepare's words.
+        raise DataError(str(e).replace("config.data points at", f"--src={o.src!r}")) from e
       bar.update(count if known else 1)
       bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.0f} images/s",
                           refresh=False)
