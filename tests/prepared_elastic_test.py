@@ -29,7 +29,7 @@ def test_a_run_on_a_prepared_dataset_saved_by_2_processes_resumes_on_1(tmp_path)
   prepare_lib.prepare(prepare_lib.PrepareOptions(
       src=folder, out=str(tmp_path / "data"), name="photos", max_side=24, image_size=16,
       num_workers=1, eval_fraction=0.1))
-  data = [f"--config.data.source=tfds",
+  data = ["--config.data.source=tfds",
           f"--config.data.tfds_name={tmp_path / 'data' / 'photos'}"]
   cache, workdir = str(tmp_path / "jax_cache"), str(tmp_path / "run")
   consumed = {}

@@ -50,9 +50,6 @@ class Unit:
   files: tuple[str, ...] = ()
   tar: str = ""
 
-  def describe(self) -> str:
-    return self.tar or (f"{self.files[0]} .. ({len(self.files)} files)" if self.files else "")
-
 
 @dataclasses.dataclass(frozen=True)
 class Item:

@@ -131,14 +131,14 @@ def pack_item(item: image_collections.Item, ordinal: tuple[int, int], split: str
                 height=height, width=width, resized=True)
 
 
-def pack_unit(unit: image_collections.Unit, options: PackOptions) -> list[Record]:
-  """Every item of `unit` after the per-image work, in the unit's order.
+def pack_unit(unit: image_collections.Unit, options: PackOptions) -> Iterator[Record]:
+  """Every item of `unit` after the per-image work, in the unit's order, one at a time.
 
   Raises:
     DataError: the unit is a truncated tar or not a tar.
   """
-  return [pack_item(item, (unit.index, position), unit.split, options)
-          for position, item in enumerate(image_collections.read_unit(unit))]
+  for position, item in enumerate(image_collections.read_unit(unit)):
+    yield pack_item(item, (unit.index, position), unit.split, options)
 
 
 # --------------------------------------------------------------------------- duplicates, splits
@@ -198,6 +198,3 @@ def example(record: Record) -> tuple[str, dict[str, object]]:
   return record.key, {"image": record.image, "key": record.key, "height": record.height,
                       "width": record.width, "caption": record.caption}
 
-
-def usable(records: Iterable[Record]) -> Iterator[Record]:
-  return (r for r in records if not r.reason)

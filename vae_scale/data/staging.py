@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from etils import epath
@@ -55,18 +55,28 @@ def _paths(folder: epath.Path, index: int) -> tuple[epath.Path, epath.Path]:
   return folder / "units" / f"{index:06d}.bin", folder / "units" / f"{index:06d}.json"
 
 
-def write_unit(folder: str | epath.Path, index: int, records: list[packing.Record]) -> None:
-  """Stages unit `index`'s records: the bytes, then the fields (the commit)."""
-  blob, fields = bytearray(), []
-  for record in records:
-    entry = dataclasses.asdict(record)
-    image = entry.pop("image")
-    entry.update(offset=len(blob), length=len(image))
-    blob += image
-    fields.append(entry)
+def write_unit(folder: str | epath.Path, index: int, records: Iterable[packing.Record]
+               ) -> list[dict[str, Any]]:
+  """Stages unit `index`'s records as they come (a tar's images never all in memory): the bytes,
+  then the fields (the commit). Returns the fields."""
   bin_path, json_path = _paths(epath.Path(folder), index)
-  _atomic_write(bin_path, bytes(blob))
+  tmp = bin_path.parent / f".{bin_path.name}.tmp-{uuid.uuid4().hex}"
+  fields, offset = [], 0
+  try:
+    with tmp.open("wb") as f:
+      for record in records:
+        entry = dataclasses.asdict(record)
+        image = entry.pop("image")
+        entry.update(offset=offset, length=len(image))
+        f.write(image)
+        offset += len(image)
+        fields.append(entry)
+    tmp.replace(bin_path)
+  except BaseException:  # A truncated tar, a kill: no partial file is left behind.
+    tmp.unlink(missing_ok=True)
+    raise
   _atomic_write(json_path, json.dumps(fields, ensure_ascii=False).encode())
+  return fields
 
 
 def committed(folder: str | epath.Path) -> set[int]:
@@ -81,12 +91,14 @@ def read_fields(folder: str | epath.Path, index: int) -> list[packing.Record]:
   return [_record(entry, b"") for entry in json.loads(json_path.read_text(encoding="utf-8"))]
 
 
-def read_unit(folder: str | epath.Path, index: int) -> list[packing.Record]:
-  """Unit `index`'s records with their image bytes."""
+def read_unit(folder: str | epath.Path, index: int) -> Iterator[packing.Record]:
+  """Unit `index`'s records with their image bytes, one at a time."""
   bin_path, json_path = _paths(epath.Path(folder), index)
-  blob = bin_path.read_bytes()
-  return [_record(entry, blob[entry["offset"]:entry["offset"] + entry["length"]])
-          for entry in json.loads(json_path.read_text(encoding="utf-8"))]
+  entries = json.loads(json_path.read_text(encoding="utf-8"))
+  with bin_path.open("rb") as f:
+    for entry in entries:
+      f.seek(entry["offset"])
+      yield _record(entry, f.read(entry["length"]))
 
 
 def _record(entry: dict[str, Any], image: bytes) -> packing.Record:
@@ -103,9 +115,8 @@ def pack_and_stage(unit: image_collections.Unit, folder: str, options: packing.P
   Raises:
     DataError: the unit is a truncated tar or not a tar.
   """
-  records = packing.pack_unit(unit, options)
-  write_unit(folder, unit.index, records)
-  return len(records), [(r.reason, r.message or r.where) for r in records]
+  fields = write_unit(folder, unit.index, packing.pack_unit(unit, options))
+  return len(fields), [(f["reason"], f["message"] or f["where"]) for f in fields]
 
 
 def pack_and_stage_task(task: tuple[image_collections.Unit, str, packing.PackOptions]
