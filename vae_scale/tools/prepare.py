@@ -33,6 +33,7 @@ from typing import Any
 
 from absl import logging
 from etils import epath
+from tqdm import tqdm
 
 from vae_scale import transforms
 from vae_scale.data import image_collections
@@ -145,7 +146,6 @@ def default_work_dir(o: PrepareOptions) -> str:
 def _pack_units(units: list[image_collections.Unit], work: epath.Path,
                 o: PrepareOptions) -> dict[str, float]:
   """Packs the units not yet committed in `work`, on a process pool, with a progress bar."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   done = staging.committed(work)
   todo = [u for u in units if u.index not in done]
   if done:
