@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     # The Frechet distance's matrix square root (rFID), as pytorch-fid computes it.
     "scipy==1.17.1",
+    # TFDS's dataset builders (vae_scale.prepare writes with TFDS's AdhocBuilder) import it.
+    "importlib_resources==7.1.0",
 ]
 
 # Google Cloud diagnostics (vae_scale/run/cloud.py, imported only when its flags ask for them):
@@ -43,7 +45,11 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.2.0",
         *GCP,
+        "apache-beam==2.78.0",  # The prepare's Beam path is tested on the DirectRunner.
     ],
+    # vae_scale.prepare --beam_pipeline_options=...: TFDS builds large datasets on Apache Beam
+    # (it pins protobuf < 7; tensorflow-cpu 2.21 runs on protobuf 6.33).
+    "beam": ["apache-beam==2.78.0"],
     # Independent references for tests and side-by-side benchmarks: diffusers (interop), the
     # `lpips` package (LPIPS) and pytorch-fid (rFID). Both of those import torchvision, which
     # needs the torch release it was built against: torch 2.14.1 with torchvision 0.29.1.

@@ -245,15 +245,16 @@ def test_a_checkpoint_with_grain_iterator_states_resumes_at_step_times_batch(tmp
 
 
 def _run(workdir, num_processes, devices_per_process, num_steps, record, cache_dir,
-         timeout=300):
-  """One run of the real trainer (this file as a script) on num_processes x devices_per_process;
-  returns the launcher's exit code."""
+         timeout=300, extra_flags=()):
+  """One run of the real trainer (this file as a script) on num_processes x devices_per_process,
+  with `extra_flags` after RUN_FLAGS; returns the launcher's exit code."""
   from vae_scale.tools import local_launch  # pylint: disable=g-import-not-at-top
   env = local_launch.process_env(devices_per_process)
   env.update({RECORD_ENV: record, "JAX_COMPILATION_CACHE_DIR": cache_dir,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"})
   port = local_launch.free_port()
-  args = RUN_FLAGS + [f"--config.num_train_steps={num_steps}", f"--workdir={workdir}"]
+  args = RUN_FLAGS + [f"--config.num_train_steps={num_steps}", f"--workdir={workdir}",
+                      *extra_flags]
   procs = []
   for i in range(num_processes):
     cmd = local_launch.command(i, num_processes, port, args, 20)

@@ -6,8 +6,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import tiny_config
+from vae_scale.data import transforms
 from vae_scale.data import pipeline
 from vae_scale.data import sources
+from vae_scale.errors import ConfigError
 from vae_scale.errors import DataError
 
 
@@ -44,7 +46,9 @@ def test_tfds_source_under_mock_data():
                           "data.image_key": "picture"})  # Not a feature: its one image is used.
   with tfds.testing.mock_data(num_examples=24):
     train_src = sources.make_source(config, "train")
-    assert "train[:75%]" in repr(train_src) and train_src[0].shape == (32, 32, 3)
+    # Image features come undecoded; the pipeline decodes them as it decodes a folder's files.
+    assert "train[:75%]" in repr(train_src) and isinstance(train_src[0], bytes)
+    assert transforms.decode_image(train_src[0]).shape == (32, 32, 3)
     batch = next(iter(pipeline.create_train_dataset(config, 0, 1)))
     eval_ds = pipeline.create_eval_dataset(config, 0, 1)
     eval_batch = next(pipeline.eval_batches(config, eval_ds, 1))
@@ -56,4 +60,18 @@ def test_tfds_not_prepared_is_a_clear_error(tmp_path):
   config = tiny_config(**{"data.source": "tfds", "data.tfds_name": "cifar10",
                           "data.tfds_data_dir": str(tmp_path)})
   with pytest.raises(DataError, match="not prepared.*tfds build cifar10"):
+    sources.make_source(config, "train")
+
+
+def test_tfds_name_may_be_data_dir_slash_name(tmp_path):
+  assert sources.tfds_location("imagenet2012", "") == ("imagenet2012", "")
+  assert sources.tfds_location("coco/2017:1.1.0", "/d") == ("coco/2017:1.1.0", "/d")
+  assert sources.tfds_location("gs://b/tfds/laion_512/", "") == ("laion_512", "gs://b/tfds")
+  assert sources.tfds_location(str(tmp_path / "x"), "") == ("x", str(tmp_path))
+  with pytest.raises(ConfigError, match=r"is a path \(DATA_DIR/NAME\) and "
+                     r"config.data.tfds_data_dir='/d' is set too"):
+    sources.tfds_location("gs://b/tfds/laion_512", "/d")
+  config = tiny_config(**{"data.source": "tfds", "data.tfds_name": str(tmp_path / "mine")})
+  with pytest.raises(DataError, match=r"'mine' split 'train' is not prepared in "
+                     rf"{tmp_path}.*python -m vae_scale.prepare"):
     sources.make_source(config, "train")

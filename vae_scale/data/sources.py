@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from typing import Sequence
 
 import ml_collections
@@ -16,6 +17,7 @@ from absl import logging
 
 from vae_scale.data import transforms
 from vae_scale.data import file_lists
+from vae_scale.errors import ConfigError
 from vae_scale.errors import DataError
 
 # scikit-image's bundled photographs (no download; the grey ones become grey RGB). The evaluation
@@ -124,11 +126,17 @@ class FolderSource:
 
 
 class TfdsSource:
-  """An image feature of a prepared TFDS dataset through `tfds.data_source` (ArrayRecord)."""
+  """An image feature of a prepared TFDS dataset through `tfds.data_source` (ArrayRecord).
+
+  An `Image` feature is read undecoded, as its file's bytes, and decoded by the pipeline as a
+  folder's files are (`transforms.load_image`: EXIF orientation, every colour mode, reduced-scale
+  JPEG decoding, unreadable ones skipped and counted); other features come as TFDS decodes them.
+  """
 
   def __init__(self, name: str, split: str, data_dir: str, image_key: str):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._desc = (name, split, data_dir, image_key)
+    name, data_dir = tfds_location(name, data_dir)
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # TFDS raises several types for "not prepared"; all mean the same here.
@@ -140,8 +148,16 @@ class TfdsSource:
       raise DataError(
           f"config.data.tfds_name={name!r} split {split!r} is not prepared in "
           f"{data_dir or 'the default TFDS data_dir'} ({type(e).__name__}: {first_line}); "
-          f"prepare it first: `tfds build {name} --file_format=array_record{where}`") from e
+          f"prepare it first: `tfds build {name} --file_format=array_record{where}`, or pack "
+          f"your own images with `python -m vae_scale.prepare --src=... --out=DATA_DIR "
+          f"--name={name}`") from e
     self._image_key = _tfds_image_key(self._source, name, image_key, tfds)
+    features = getattr(getattr(self._source, "dataset_info", None), "features", None)
+    if features is not None and isinstance(features[self._image_key], tfds.features.Image):
+      # Undecoded: bytes go to the pipeline's decoder (see the class docstring).
+      self._source = tfds.data_source(
+          name, split=split, data_dir=data_dir or None, download=False,
+          decoders={self._image_key: tfds.decode.SkipDecoding()})
 
   def __len__(self) -> int:
     return len(self._source)
@@ -149,8 +165,32 @@ class TfdsSource:
   def __repr__(self) -> str:
     return "TfdsSource(name={!r}, split={!r}, data_dir={!r}, image_key={!r})".format(*self._desc)
 
-  def __getitem__(self, index: int) -> np.ndarray:
+  def __getitem__(self, index: int) -> bytes | np.ndarray:
     return self._source[int(index)][self._image_key]
+
+
+def tfds_location(tfds_name: str, tfds_data_dir: str) -> tuple[str, str]:
+  """(name, data_dir) of config.data.tfds_name / tfds_data_dir.
+
+  A tfds_name that is a path (it contains '://' or starts with '/', '.' or '~'), such as
+  'gs://bucket/tfds/laion_512' as `vae_scale.prepare --out=gs://bucket/tfds --name=laion_512`
+  wrote it, names the dataset and its data_dir in one field. Otherwise both are TFDS's own
+  ('imagenet2012', 'coco/2017:1.1.0').
+
+  Raises:
+    ConfigError: a path in tfds_name and a tfds_data_dir as well.
+  """
+  if not ("://" in tfds_name or tfds_name.startswith(("/", ".", "~"))):
+    return tfds_name, tfds_data_dir
+  if tfds_data_dir:
+    raise ConfigError(f"config.data.tfds_name={tfds_name!r} is a path (DATA_DIR/NAME) and "
+                      f"config.data.tfds_data_dir={tfds_data_dir!r} is set too; give one: "
+                      "tfds_name=DATA_DIR/NAME alone, or tfds_name=NAME with tfds_data_dir")
+  path = tfds_name.rstrip("/")
+  if "://" not in path:
+    path = os.path.abspath(os.path.expanduser(path))
+  data_dir, _, name = path.rpartition("/")
+  return name, data_dir
 
 
 def _tfds_image_key(source, name: str, image_key: str, tfds) -> str:

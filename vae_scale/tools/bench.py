@@ -89,6 +89,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--warmup_seconds", type=float, default=4.0,
                       help="untimed seconds first (worker start-up, file cache)")
   parser.add_argument("--json", default="", help="also write the results to this file")
+  parser.add_argument("--prepared", action="store_true",
+                      help="also pack the images with vae_scale.prepare and time the pipeline on "
+                      "the packed dataset side by side (see vae_scale/tools/bench_prepared.py)")
 
 
 def write_sample_jpegs(folder: str, num: int, width: int, height: int, seed: int = 0) -> list[str]:
@@ -254,6 +257,17 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
             else "Grain pipeline, 0 workers (4 threads in the trainer process)")
     settings.append((what, lambda c=config: _time_pipeline(c, args.seconds,
                                                            args.warmup_seconds)))
+  prepared = None
+  if args.prepared:
+    from vae_scale.tools import bench_prepared  # pylint: disable=g-import-not-at-top  (TFDS)
+    packed = tempfile.TemporaryDirectory(prefix="vae_scale_bench_packed_")
+    prepared = bench_prepared.prepare_folder(folder, files, packed.name, size)
+    print(f"Prepared {prepared['images']} images: {prepared['prepare_images_per_cpu_s']:.0f} per "
+          f"CPU-s; {prepared['bytes_ratio']:.2f}x fewer bytes", flush=True)
+    for workers in (int(w) for w in args.workers.split(",")):
+      config = bench_prepared.pipeline_config(prepared["dataset"], size, args.batch_size, workers)
+      settings.append((f"Grain pipeline on the prepared dataset, {workers} workers",
+                       lambda c=config: _time_pipeline(c, args.seconds, args.warmup_seconds)))
   runs: dict[str, list[dict[str, float]]] = {what: [] for what, _ in settings}
   for r in range(args.rounds):
     for what, fn in settings:
@@ -280,12 +294,15 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
   results = {"command": " ".join(["python -m vae_scale.bench"] + sys.argv[1:]),
              "files": len(files), "photo_size": [width, height], "image_size": size,
              "batch_size": args.batch_size, "cpu_cores": cores, "versions": _versions(),
-             "rows": [{"loader": what, **r} for what, r in rows], "runs": runs}
+             "rows": [{"loader": what, **r} for what, r in rows], "runs": runs,
+             "prepared": prepared}
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
   if tmp is not None:
     tmp.cleanup()
+  if prepared is not None:
+    packed.cleanup()
   return results
 
 
