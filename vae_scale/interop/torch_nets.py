@@ -103,8 +103,8 @@ def _oihw_to_hwio(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
 
 
-def _check(tensors: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], path: str,
-           what: str, how: str) -> None:
+def check_tensors(tensors: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
+                  path: str, what: str, how: str) -> None:
   """Raises a one-line ConversionError naming missing, unexpected and mis-shaped entries."""
   missing = sorted(set(expected) - set(tensors))
   extra = sorted(set(tensors) - set(expected))
@@ -123,7 +123,7 @@ def _from_torch(sd: Mapping[str, np.ndarray], names: Mapping[str, str],
   of the state dict (classifier, fc, BN counters) are ignored."""
   torch_shapes = {t: ((s[3], s[2], s[0], s[1]) if len(s) == 4 else s)  # HWIO -> OIHW
                   for t, s in ((names[k], shapes[k]) for k in names)}
-  _check({t: sd[t] for t in torch_shapes if t in sd}, torch_shapes, path, what, how)
+  check_tensors({t: sd[t] for t in torch_shapes if t in sd}, torch_shapes, path, what, how)
   return {k: _oihw_to_hwio(sd[t]) if sd[t].ndim == 4 else sd[t] for k, t in names.items()}
 
 
@@ -242,8 +242,14 @@ def _safetensors_metadata(path: str) -> dict[str, str] | None:
   return header.get("__metadata__") or {}
 
 
-def _load(path: str, net: str, what: str, command: str,
-          expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def read_tagged(path: str, net: str, what: str, command: str
+                ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """The float32 tensors and metadata of a weights file tagged {NET_KEY: net}.
+
+  Raises:
+    ConversionError: missing file, a pickle, not safetensors, or another network's file (one line
+      naming the file and `command`, the one that makes the right file).
+  """
   path = os.fspath(path)
   make = f"make it with: {command}"
   if not epath.Path(path).exists():
@@ -266,8 +272,15 @@ def _load(path: str, net: str, what: str, command: str,
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise ConversionError(f"{path} could not be read as safetensors ({first}); {make}") from e
-  _check(tensors, expected, path, f"vae_scale's {what} weights", make)
-  return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  return {k: np.asarray(v, np.float32) for k, v in tensors.items()}, meta
+
+
+def _load(path: str, net: str, what: str, command: str,
+          expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  tensors, _ = read_tagged(path, net, what, command)
+  check_tensors(tensors, expected, os.fspath(path), f"vae_scale's {what} weights",
+                f"make it with: {command}")
+  return tensors
 
 
 def _out_name(path: str) -> str:
