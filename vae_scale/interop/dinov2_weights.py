@@ -1,4 +1,4 @@
-"""DINOv2 weights: a Hugging Face `transformers` folder -> one vae_scale safetensors file, and back in.
+"""DINOv2 weights: a Hugging Face `transformers` folder -> one vae_scale safetensors file.
 
   python -m vae_scale.convert dinov2 --src=DIR --out=dinov2_vitl14.safetensors
 

@@ -27,6 +27,7 @@ embeddings are resampled with antialias. `preprocess` does exactly that for any 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -34,8 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vae_scale.models import resample
-from vae_scale.models.lpips import merge_params
-from vae_scale.models.lpips import param_shapes
+from vae_scale.models.lpips import flat_state
+from vae_scale.models.lpips import merge_split
 
 Array = jax.Array
 Params = Mapping[str, Any]  # Flat {"layers.0.attn.query.kernel": [C, C], ...}.
@@ -296,16 +297,29 @@ def preprocess(images: Array, grid: tuple[int, int], *, patch_size: int = 14,
   return x
 
 
+@functools.lru_cache(maxsize=8)
+def _skeleton(cfg: Dinov2Config, dtype: Any, precision: Any) -> tuple[Any, nnx.State]:
+  """(graphdef, abstract state) of `Dinov2(cfg)`, built once per process: tracing the
+  construction of a deep network takes seconds (flax checks each RNG draw against the whole
+  trace so far, so it grows with the square of the depth: ~5 s for ViT-L, ~20 s for giant)."""
+  return nnx.split(nnx.eval_shape(
+      lambda: Dinov2(cfg, dtype=dtype, precision=precision, rngs=nnx.Rngs(0))))
+
+
 def dinov2_shapes(cfg: Dinov2Config) -> dict[str, tuple[int, ...]]:
   """{name: shape} of the params of `Dinov2(cfg)` (nothing allocated)."""
-  return param_shapes(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)))
+  return {k: tuple(v.shape) for k, v in flat_state(_skeleton(cfg, jnp.float32, None)[1]).items()}
 
 
 def dinov2_model(params: Params, cfg: Dinov2Config, *, dtype: Any = jnp.float32,
                  precision: Any = None) -> Dinov2:
-  """A `Dinov2` holding `params` (from `load_dinov2_params`); callable inside jit."""
-  return merge_params(lambda: Dinov2(cfg, dtype=dtype, precision=precision, rngs=nnx.Rngs(0)),
-                      params)
+  """A `Dinov2` holding `params` (from `load_dinov2_params`); callable inside jit.
+
+  Raises:
+    ValueError: a name is missing or unknown, or a shape differs from `cfg`'s.
+  """
+  graphdef, state = _skeleton(cfg, dtype, precision)
+  return merge_split(graphdef, state, params, f"Dinov2 (width {cfg.hidden_size})")
 
 
 def dinov2_features(params: Params, cfg: Dinov2Config, pixels: Array, *,
