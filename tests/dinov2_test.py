@@ -1,5 +1,5 @@
-"""models.dinov2 against transformers' Dinov2Model / Dinov2WithRegistersModel (seeded random weights,
-real photographs), and interop.dinov2_weights: conversion, loading and their one-line refusals."""
+"""models.dinov2 against transformers' Dinov2Model / Dinov2WithRegistersModel (seeded random
+weights, real photographs), and interop.dinov2_weights: conversion, loading, one-line refusals."""
 
 import json
 import os
@@ -303,7 +303,8 @@ def test_load_refuses_other_files(small, tmp_path):
   pickled = tmp_path / "dinov2.pth"
   torch.save({"a": torch.zeros(2)}, pickled)
   cases = {str(tmp_path / "missing.safetensors"): "does not exist",
-           str(pickled): "pickle", lpips_file: "lpips_vgg_v0.1", str(untagged): "no 'vae_scale_net'",
+           str(pickled): "pickle", lpips_file: "lpips_vgg_v0.1",
+           str(untagged): "no 'vae_scale_net'",
            str(no_config): "no readable 'dinov2_config'",
            str(wrong): "cls_token (48,) (expected (64,))"}
   for path, expected in cases.items():
