@@ -90,7 +90,7 @@ def resize_matrix(in_size: int, out_size: int, mode: str, antialias: bool = Fals
       w = kernel((taps - center + 0.5) * invscale)
       total = w.sum()
       out[i, taps] = w / total if total != 0 else w
-    return out
+    return _frozen(out)
   if mode == "bilinear":
     src = np.maximum(scale * (rows + 0.5) - 0.5, 0.0)
     i0 = np.floor(src).astype(np.int64)
@@ -99,14 +99,19 @@ def resize_matrix(in_size: int, out_size: int, mode: str, antialias: bool = Fals
     lam = src - i0
     np.add.at(out, (rows, i0), 1.0 - lam)
     np.add.at(out, (rows, i1), lam)
-    return out
+    return _frozen(out)
   src = scale * (rows + 0.5) - 0.5
   base = np.floor(src).astype(np.int64)
   t = src - base
   for offset in (-1, 0, 1, 2):
     idx = np.clip(base + offset, 0, in_size - 1)
     np.add.at(out, (rows, idx), _cubic(t - offset, _CUBIC_A))
-  return out
+  return _frozen(out)
+
+
+def _frozen(matrix: np.ndarray) -> np.ndarray:
+  matrix.flags.writeable = False  # Cached and shared: nobody may change it.
+  return matrix
 
 
 def resize(x: Array, size: tuple[int, int], mode: str, *, antialias: bool = False,
