@@ -123,3 +123,34 @@ def tagged_file(path, net: str) -> str:
   safetensors_io.write_safetensors({"a": np.zeros(2, np.float32)}, str(path),
                                    metadata={frozen_weights.NET_KEY: net})
   return str(path)
+
+
+# ------------------------------------------------------------------------------ DINOv2
+
+
+def torch_dinov2(registers: bool = False, seed: int = 0, **config):
+  """transformers' `Dinov2Model` (or `Dinov2WithRegistersModel`) of `config`, every tensor seeded
+  random and non-trivial: weights N(0, 0.02) as transformers initialises them, but also biases
+  N(0, 0.05), norm scales U(0.5, 1.5), layer scales U(0.5, 1.5), position embeddings, CLS and
+  register tokens N(0, 0.5) (transformers' own init leaves many at 0 or 1, where a wrong mapping
+  would go unseen). float32, eval mode, eager attention."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  if registers:
+    cfg = transformers.Dinov2WithRegistersConfig(**config)
+    net = transformers.Dinov2WithRegistersModel(cfg)
+  else:
+    cfg = transformers.Dinov2Config(**config)
+    net = transformers.Dinov2Model(cfg)
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      if name.endswith("bias"):
+        p.copy_(0.05 * torch.randn(p.shape, generator=g))
+      elif "norm" in name or "lambda1" in name:
+        p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+      elif p.ndim <= 3 and "embeddings." in name:  # cls, mask, register, position tokens.
+        p.copy_(0.5 * torch.randn(p.shape, generator=g))
+  return net.eval()
+

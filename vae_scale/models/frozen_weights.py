@@ -1,8 +1,8 @@
-"""The frozen feature networks' weights (LPIPS-VGG, pytorch-fid's Inception): the one loader.
+"""The frozen feature networks' weights (LPIPS-VGG, pytorch-fid's Inception, DINOv2): the one loader.
 
 Each network's weights are converted once into one safetensors file whose metadata names it
-({"vae_scale_net": ...}) by `python -m vae_scale.convert lpips|inception` (`interop.torch_convert`,
-the only code that reads PyTorch files). Training and evaluation read only those files, here, each
+({"vae_scale_net": ...}) by `python -m vae_scale.convert lpips|inception|dinov2`
+(`interop.torch_convert`, the only code that reads PyTorch files, and `interop.dinov2_weights`). Training and evaluation read only those files, here, each
 checked name by name and shape by shape before anything compiles. `load_feature_nets` is what a run
 or an evaluation calls: the networks its config (or flags) ask for.
 """
@@ -20,14 +20,22 @@ from etils import epath
 
 from vae_scale.errors import ConversionError
 from vae_scale.interop.safetensors_io import PICKLE_SUFFIXES
+from vae_scale.models import dinov2
 from vae_scale.models import inception
 from vae_scale.models import lpips
+from vae_scale.models.dinov2 import Dinov2Config
 
 NET_KEY = "vae_scale_net"  # safetensors metadata entry naming the network.
 LPIPS_NET = "lpips_vgg_v0.1"
 INCEPTION_NET = "pytorch_fid_inception_2015_12_05"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+DINOV2_NET = "dinov2"
+CONFIG_KEY = "dinov2_config"  # Metadata entry holding Dinov2Config.to_dict() as JSON.
 _MAX_LISTED = 5
+
+
+def dinov2_command(out: str = "FILE", src: str = "DIR") -> str:
+  return f"python -m vae_scale.convert dinov2 --src={src} --out={out}"
 
 
 def lpips_command(out: str = "FILE") -> str:
@@ -80,8 +88,14 @@ def _safetensors_metadata(path: str) -> dict[str, str] | None:
   return header.get("__metadata__") or {}
 
 
-def _load(path: str, net: str, what: str, command: str,
-          expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def read_tagged(path: str, net: str, what: str, command: str
+                ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """The float32 tensors and metadata of a weights file tagged {NET_KEY: net}.
+
+  Raises:
+    ConversionError: missing file, a pickle, not safetensors, or another network's file (one line
+      naming the file and `command`, the one that makes the right file).
+  """
   path = os.fspath(path)
   make = f"make it with: {command}"
   if not epath.Path(path).exists():
@@ -104,8 +118,15 @@ def _load(path: str, net: str, what: str, command: str,
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise ConversionError(f"{path} could not be read as safetensors ({first}); {make}") from e
-  check_tensors(tensors, expected, path, f"vae_scale's {what} weights", make)
-  return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  return {k: np.asarray(v, np.float32) for k, v in tensors.items()}, meta
+
+
+def _load(path: str, net: str, what: str, command: str,
+          expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  tensors, _ = read_tagged(path, net, what, command)
+  check_tensors(tensors, expected, os.fspath(path), f"vae_scale's {what} weights",
+                f"make it with: {command}")
+  return tensors
 
 
 def _out_name(path: str) -> str:
@@ -153,3 +174,26 @@ def load_feature_nets(lpips_weights: str = "", inception_weights: str = ""
   if inception_weights:
     nets["inception"] = load_inception_params(inception_weights)
   return nets
+
+
+def load_dinov2_params(path: str) -> tuple[dict[str, np.ndarray], Dinov2Config]:
+  """DINOv2 params and architecture from a file `convert_dinov2` wrote, checked shape by shape.
+
+  Returns:
+    (flat {name: float32 numpy} for `vae_scale.models.dinov2.dinov2_features`, its Dinov2Config).
+
+  Raises:
+    ConversionError: missing file, a pickle, another network's file, no architecture in the
+      metadata or wrong shapes (one line naming the file and the command that makes it).
+  """
+  path = os.fspath(path)
+  command = dinov2_command(path if path.endswith(".safetensors") else "FILE.safetensors")
+  tensors, meta = read_tagged(path, DINOV2_NET, "DINOv2", command)
+  try:
+    cfg = Dinov2Config.from_dict(json.loads(meta[CONFIG_KEY]))
+  except (KeyError, ValueError, TypeError) as e:
+    raise ConversionError(f"{path} has no readable {CONFIG_KEY!r} metadata ({e}); make it again "
+                          f"with: {command}") from e
+  check_tensors(tensors, dinov2.dinov2_shapes(cfg), path, "vae_scale's DINOv2 weights",
+                f"make it with: {command}")
+  return tensors, cfg

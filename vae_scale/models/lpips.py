@@ -168,19 +168,27 @@ def merge_params(factory: Callable[[], nnx.Module], params: Params) -> nnx.Modul
   """
   abstract = nnx.eval_shape(factory)
   graphdef, state = nnx.split(abstract)
+  return merge_split(graphdef, state, params, type(abstract).__name__)
+
+
+def merge_split(graphdef: Any, state: nnx.State, params: Params, name: str = "the module"
+                ) -> nnx.Module:
+  """`merge_params` from an already split abstract module (`state` itself is left unchanged), for
+  callers that cache the split: building a deep network abstractly can take seconds."""
   expected = {k: tuple(v.shape) for k, v in flat_state(state).items()}
   problems = sorted(set(expected) ^ set(params))
   problems += [f"{k}: {tuple(np.shape(params[k]))} != {s}" for k, s in expected.items()
                if k in params and tuple(np.shape(params[k])) != s]
   if problems:
-    raise ValueError(f"params do not fit {type(abstract).__name__}: {problems[:5]}")
+    raise ValueError(f"params do not fit {name}: {problems[:5]}")
   nested: dict[str, Any] = {}
-  for name, value in params.items():
-    *parents, leaf = name.split(".")
+  for key, value in params.items():
+    *parents, leaf = key.split(".")
     node = nested
     for p in parents:
       node = node.setdefault(int(p) if p.isdigit() else p, {})
     node[int(leaf) if leaf.isdigit() else leaf] = value
+  state = jax.tree.map(lambda leaf: leaf, state)  # A copy: replace_by_pure_dict fills it in place.
   nnx.replace_by_pure_dict(state, nested)
   return nnx.merge(graphdef, state)
 

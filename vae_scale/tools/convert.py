@@ -17,11 +17,15 @@ frozen feature networks (LPIPS-VGG for the loss and evaluation, pytorch-fid's In
   python -m vae_scale.convert inception --src=pt_inception-2015-12-05-6726825d.pth \
       --out=inception.safetensors
 
+  # DINOv2 (a transformers folder: config.json + model.safetensors, e.g. facebook/dinov2-large)
+  # -> one safetensors file for the VF loss (loss.vf_weights).
+  python -m vae_scale.convert dinov2 --src=DIR --out=dinov2_vitl14.safetensors
+
 Autoencoder weights are only read from safetensors: a pickle-based `.ckpt`/`.bin`/`.pt` is refused
 (unpickling runs code). The feature networks' PyTorch files are read once here with
 `torch.load(weights_only=True)` (tensors only), and only their safetensors are read afterwards.
 The conversions themselves live in `vae_scale.interop` (names, diffusers configs, safetensors,
-weights, torch_convert); this module is their command line.
+weights, torch_convert, dinov2_weights); this module is their command line.
 """
 
 from __future__ import annotations
@@ -35,14 +39,15 @@ from vae_scale.run import checkpoints
 from vae_scale import cli
 from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config
+from vae_scale.interop import dinov2_weights
 from vae_scale.interop import safetensors_io
 from vae_scale.models import frozen_weights
 from vae_scale.interop import torch_convert
 from vae_scale.interop import weights
 from vae_scale.models import AutoencoderConfig
 
-COMMANDS = ("import", "export", "lpips", "inception")
-USAGE = ("usage: python -m vae_scale.convert {import|export|lpips|inception} --out=... "
+COMMANDS = ("import", "export", "lpips", "inception", "dinov2")
+USAGE = ("usage: python -m vae_scale.convert {import|export|lpips|inception|dinov2} --out=... "
          "[--src=...] (see --help)")
 
 
@@ -59,10 +64,11 @@ def define_flags() -> dict[str, Any]:
       "config": config,
       "src": f.DEFINE_string("src", None, "import: diffusers folder, LDM/SD .safetensors, or "
                              "params dir. export: a params dir or any of those (not --workdir). "
-                             "inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth."),
+                             "inception: pytorch-fid's pt_inception-2015-12-05-6726825d.pth. "
+                             "dinov2: a transformers DINOv2 folder."),
       "out": f.DEFINE_string("out", None, "import: params directory to create. export: diffusers "
-                             "folder (or .safetensors file with --format=ldm). lpips, inception: "
-                             "the .safetensors file to write."),
+                             "folder (or .safetensors file with --format=ldm). lpips, inception, "
+                             "dinov2: the .safetensors file to write."),
       "vgg": f.DEFINE_string("vgg", None, "lpips: torchvision's VGG16 ImageNet weights "
                              "(vgg16-397923af.pth; default: torchvision's download cache)."),
       "lin": f.DEFINE_string("lin", None, "lpips: the LPIPS v0.1 lin weights (default: "
@@ -138,13 +144,21 @@ def run_export(out: str, *, model_cfg: AutoencoderConfig | None, workdir: str | 
 
 def run_feature_net(command: str, out: str, *, src: str | None = None, vgg: str | None = None,
                     lin: str | None = None) -> str:
-  """`lpips` or `inception`: converts the network's PyTorch weights into `out`; returns the line
-  telling where to use the file."""
+  """`lpips`, `inception` or `dinov2`: converts the network's weights into `out`; returns the
+  line telling where to use the file."""
   if command == "lpips":
     torch_convert.convert_lpips(out, vgg_path=vgg, lin_path=lin)
     frozen_weights.load_lpips_params(out)  # Read back: what training will read.
     return (f"Wrote {out} (LPIPS-VGG v0.1). Use it with --config.loss.lpips_weights={out} "
             f"(training, evaluation) or evaluate --lpips_weights={out}")
+  if command == "dinov2":
+    if not src:
+      raise cli.usage_error(f"dinov2 needs --src=DIR, a transformers DINOv2 folder; usage: "
+                            f"{frozen_weights.dinov2_command(out)}")
+    dinov2_weights.convert_dinov2(src, out)
+    _, cfg = frozen_weights.load_dinov2_params(out)  # Read back: what training will read.
+    return (f"Wrote {out} (DINOv2, width {cfg.hidden_size}, {cfg.num_layers} layers, "
+            f"{cfg.num_register_tokens} registers). Use it with --config.loss.vf_weights={out}")
   if not src:
     raise cli.usage_error(f"inception needs --src={frozen_weights.INCEPTION_FILE} (pytorch-fid's "
                           f"FID weights, {torch_convert.INCEPTION_URL})")
@@ -155,14 +169,14 @@ def run_feature_net(command: str, out: str, *, src: str | None = None, vgg: str 
 
 
 def main(argv: list[str], flag_values: dict[str, Any]) -> int:
-  """import, export, lpips or inception; a mistake or unusable weights raise one-line errors
-  (exit 2)."""
+  """import, export, lpips, inception or dinov2; a mistake or unusable weights raise one-line
+  errors (exit 2)."""
   fv = {k: v.value for k, v in flag_values.items()}
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise cli.usage_error(USAGE)
   if not fv["out"]:
     raise cli.usage_error(f"--out is required; {USAGE}")
-  if argv[1] in ("lpips", "inception"):
+  if argv[1] in ("lpips", "inception", "dinov2"):
     print(run_feature_net(argv[1], fv["out"], src=fv["src"], vgg=fv["vgg"], lin=fv["lin"]))
     return 0
   model_cfg = _model_cfg_of(fv["config"])

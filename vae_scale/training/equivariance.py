@@ -1,0 +1,192 @@
+"""EQ-VAE's equivariance regulariser: random spatial transforms applied alike to latents and images.
+
+Facts taken from zelaki/eqvae (train_eqvae/ldm/models/autoencoder.py, configs/eqvae_config.yaml):
+once per training step (Python's `random`), with probability p_prior = 0.5 the step is an
+equivariance step: a scale s drawn uniformly from {k / 32 : k = 8 ... 31} (isotropic) and a
+rotation k drawn uniformly from {1, 2, 3} quarter turns; the posterior *sample* z is down-scaled by
+`F.interpolate(z, scale_factor=s, mode='bilinear', align_corners=False)` then turned by
+`torch.rot90(z, k, dims=[-1, -2])`, the image gets the same two operations, and the step's whole
+loss (L1 + LPIPS, KL of the untransformed posterior, the adversarial term) is computed on
+(tau(x), decode(tau(z))) instead of (x, decode(z)). Otherwise, with probability p_prior_s = 0.25
+the image is down-scaled by a scale from the same set and reconstructed as usual ("prior
+preservation" at low resolution), else the step is a plain one.
+
+Down-scaled sizes must be whole: s * latent_size an integer (then s * image_size is too, and
+PyTorch's floor(size * s) gives the same sizes and sampling positions as here). The scale set is
+static (each scale is its own shape, so its own compiled branch); the draw is a pure function of a
+jax key, so a resumed run draws the same transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vae_scale.errors import ConfigError
+from vae_scale.models import resample
+
+Array = jax.Array
+EQ_VAE_SCALES = tuple(k / 32 for k in range(8, 32))  # The code's set: 0.25, 0.28125, ... 0.96875.
+README_SCALES = (0.25, 0.5, 0.75)  # The README's non-uniform option (3 compiled branches).
+EQ_VAE_ROTATIONS = (1, 2, 3)
+PLAIN, EQUIVARIANT, LOW_RES = 0, 1, 2  # Transform.mode values.
+
+
+@dataclasses.dataclass(frozen=True)
+class EquivarianceConfig:
+  """The transform distribution (defaults: EQ-VAE's code).
+
+  Attributes:
+    prob: probability that a step is an equivariance step (p_prior), in [0, 1].
+    low_res_prob: probability that a non-equivariance step reconstructs a down-scaled image
+      (p_prior_s), in [0, 1].
+    scales: down-scaling factors in (0, 1], each mapping the latent to whole pixels.
+    rotations: quarter turns to draw from, a subset of {0, 1, 2, 3}.
+  """
+
+  prob: float = 0.5
+  low_res_prob: float = 0.25
+  scales: tuple[float, ...] = EQ_VAE_SCALES
+  rotations: tuple[int, ...] = EQ_VAE_ROTATIONS
+
+
+class Transform(NamedTuple):
+  """One step's draw (int32 scalars, a pytree).
+
+  Attributes:
+    mode: PLAIN, EQUIVARIANT or LOW_RES.
+    scale_index: index into `scales` (drawn in every mode; used by EQUIVARIANT and LOW_RES).
+    rotation: quarter turns (used by EQUIVARIANT).
+  """
+
+  mode: Array
+  scale_index: Array
+  rotation: Array
+
+
+def check_config(cfg: EquivarianceConfig, latent_size: int, field: str = "loss.equivariance"
+                 ) -> None:
+  """One ConfigError line for a transform set the latent cannot take, before anything compiles.
+
+  Args:
+    cfg: the transform distribution.
+    latent_size: the latent's side (image_size / the autoencoder's downsampling factor).
+    field: the config field prefix for messages.
+  """
+  def fail(name: str, rule: str) -> None:
+    raise ConfigError(f"config.{field}_{name}: {rule}")
+
+  for name, p in (("prob", cfg.prob), ("low_res_prob", cfg.low_res_prob)):
+    if not 0.0 <= p <= 1.0:
+      fail(name, f"{p} is not a probability in [0, 1]")
+  if not cfg.scales:
+    fail("scales", "empty; give at least one down-scaling factor, e.g. (0.25, 0.5, 0.75)")
+  step = max(1, latent_size // 4)
+  examples = ", ".join(f"{k / latent_size:g}" for k in range(step, latent_size + 1, step))
+  for s in cfg.scales:
+    size = s * latent_size
+    if not 0.0 < s <= 1.0 or abs(size - round(size)) > 1e-9:
+      fail("scales", f"{s} does not map the {latent_size}x{latent_size} latent to whole pixels "
+           f"({s} x {latent_size} = {size:g}); use k/{latent_size} for k = 1 ... {latent_size}, "
+           f"e.g. {examples}")
+  if not cfg.rotations or any(k not in (0, 1, 2, 3) for k in cfg.rotations):
+    fail("rotations", f"{cfg.rotations} must be a non-empty subset of quarter turns (0, 1, 2, 3)")
+
+
+def sample_transform(key: Array, cfg: EquivarianceConfig) -> Transform:
+  """The step's transform, a pure function of `key` (jit-able; the same key, the same draw).
+
+  Args:
+    key: a jax PRNG key, e.g. fold_in(step key, a constant).
+    cfg: the distribution.
+
+  Returns:
+    `Transform` of int32 scalars.
+  """
+  k_mode, k_low, k_scale, k_rot = jax.random.split(key, 4)
+  mode = jnp.where(jax.random.uniform(k_mode) < cfg.prob, EQUIVARIANT,
+                   jnp.where(jax.random.uniform(k_low) < cfg.low_res_prob, LOW_RES, PLAIN))
+  rotations = jnp.asarray(cfg.rotations, jnp.int32)
+  return Transform(mode=mode.astype(jnp.int32),
+                   scale_index=jax.random.randint(k_scale, (), 0, len(cfg.scales), jnp.int32),
+                   rotation=rotations[jax.random.randint(k_rot, (), 0, len(cfg.rotations))])
+
+
+def downscale(x: Array, scale: float) -> Array:
+  """`F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=False)` on NHWC.
+
+  Args:
+    x: [B, H, W, C].
+    scale: a static factor in (0, 1].
+
+  Returns:
+    [B, floor(H * scale), floor(W * scale), C] in x's dtype.
+  """
+  size = (resample.scaled_size(x.shape[1], scale), resample.scaled_size(x.shape[2], scale))
+  return resample.resize(x, size, "bilinear", scale_factor=(scale, scale))
+
+
+def rotate(x: Array, k: Array | int) -> Array:
+  """`torch.rot90(x, k, dims=[-1, -2])` of an NCHW tensor, on NHWC: k quarter turns from the
+  width axis towards the height axis. A traced k needs a square x (every turn keeps the shape).
+
+  Args:
+    x: [B, H, W, C].
+    k: quarter turns, static int or int32 scalar in [0, 3].
+  """
+  if isinstance(k, int):
+    return jnp.rot90(x, k, axes=(2, 1))
+  if x.shape[1] != x.shape[2]:
+    raise ValueError(f"a traced rotation needs square images or latents, not {x.shape[1:3]}")
+  return jax.lax.switch(k, [lambda x, q=q: jnp.rot90(x, q, axes=(2, 1)) for q in range(4)], x)
+
+
+def transform_pair(z: Array, x: Array, scale: float, k: Array | int) -> tuple[Array, Array]:
+  """(tau(z), tau(x)): down-scale, then rotate, each alike (EQ-VAE's order).
+
+  Args:
+    z: latent samples [B, h, w, c].
+    x: images [B, h * f, w * f, 3].
+    scale: static factor.
+    k: quarter turns (static or traced).
+  """
+  return rotate(downscale(z, scale), k), rotate(downscale(x, scale), k)
+
+
+def switch_on_scale(t: Transform, cfg: EquivarianceConfig,
+                    build: Callable[[float], Callable[..., Any]], *operands: Any) -> Any:
+  """`build(scales[t.scale_index])(*operands)`: one compiled branch per static scale, one run.
+
+  Every branch must return the same shapes (scalar losses, parameter gradients).
+  """
+  return jax.lax.switch(t.scale_index, [build(s) for s in cfg.scales], *operands)
+
+
+def equivariance_loss(t: Transform, cfg: EquivarianceConfig, z: Array, x: Array,
+                      decode: Callable[[Array], Array],
+                      reconstruction_loss: Callable[[Array, Array], Array]) -> Array:
+  """EQ-VAE's reconstruction of tau(x) from tau(z) when `t` is an equivariance step, else 0.
+
+  Args:
+    t: the step's draw (`sample_transform`).
+    cfg: the distribution it was drawn from.
+    z: latent samples [B, h, w, c] (h == w when rotations are drawn).
+    x: the images they encode, [B, h * f, w * f, 3] in [-1, 1].
+    decode: latents [B, m, m, c] -> images [B, m * f, m * f, 3], for every scaled size m.
+    reconstruction_loss: (target, reconstruction) -> float32 scalar (the step's own term).
+
+  Returns:
+    float32 scalar.
+  """
+  def build(scale: float) -> Callable[[Array, Array], Array]:
+    def term(z: Array, x: Array) -> Array:
+      z_t, x_t = transform_pair(z, x, scale, t.rotation)
+      return reconstruction_loss(x_t, decode(z_t)).astype(jnp.float32)
+    return term
+
+  return jax.lax.cond(t.mode == EQUIVARIANT,
+                      lambda z, x: switch_on_scale(t, cfg, build, z, x),
+                      lambda z, x: jnp.zeros((), jnp.float32), z, x)
