@@ -174,3 +174,29 @@ def test_sigterm_during_a_rollback_exits_42_and_the_rerun_ends_where_the_run_wit
   assert sorted(want) == sorted(got)
   for name, leaf in want.items():
     np.testing.assert_array_equal(leaf, got[name], err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_agree_on_the_rollback(tmp_path):
+  """2 processes x 4 devices: each reaches the same verdict from the replicated metrics, so both
+  roll back to the same checkpoint and skip the same window (one resume-log line, process 0's)."""
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, VAE_PYTHON=sys.executable, **{faults.ENV: "nan:40-47"})
+  flags = [f"--config={REPO / 'tests' / 'tiny_config.py'}", "--config.num_train_steps=8",
+           "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+           "--config.eval_every_steps=100", "--config.image_every_steps=100",
+           "--config.optimizer.max_consecutive_nonfinite=1"]
+  proc = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "2", "--devices_per_process=4",
+                         "--heartbeat_timeout_seconds=20", f"--log_dir={tmp_path}/logs", *flags,
+                         f"--workdir={workdir}"], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  logs = [open(os.path.join(tmp_path, "logs", f), encoding="utf-8").read()
+          for f in sorted(os.listdir(os.path.join(tmp_path, "logs")))]
+  assert proc.returncode == 0, proc.stderr[-2000:] + "".join(l[-2000:] for l in logs)
+  assert len(logs) == 2
+  for log in logs:
+    assert "guard: nonfinite at step 6" in log and "rolled back to checkpoint 4" in log
+  (entry,) = resume_log.read(workdir, kind="rollback")
+  assert (entry["step"], entry["to_step"], entry["continue_at_example"]) == (6, 4, 48)
+  assert checkpoints.list_steps(workdir)[-1] == 8

@@ -209,6 +209,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       if rolled is not None:  # The guard rolled back: that checkpoint, and the data past the window.
         state = resume.state_from(rolled, progs.abstract_state, progs.init)
         position = resume.data_position(rolled, config, repr(train_source))
+        getattr(train_iter, "close", lambda: None)()  # Grain's worker processes of the old stream.
         train_iter, step = stream(position), position.step
         train_metrics = TrainMetrics(config, step)
         progress, hooks = progress_hooks(step)
