@@ -326,7 +326,7 @@ def test_convert_command(small, tmp_path):
 
 @pytest.mark.slow  # Starts a `python -m vae_scale.convert` process.
 def test_convert_command_line_mistake_is_one_line(tmp_path):
-  res = subprocess.run([sys.executable, "-m", "vae_scale.tools.convert", "dinov2",
+  res = subprocess.run([sys.executable, "-m", "vae_scale.convert", "dinov2",
                         f"--src={tmp_path / 'nope'}", f"--out={tmp_path / 'x.safetensors'}"],
                        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
                        text=True, timeout=300)

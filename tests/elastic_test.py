@@ -211,7 +211,8 @@ def test_a_checkpoint_with_grain_iterator_states_resumes_at_step_times_batch(tmp
   manager.save(2, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(state),
       data=grain.checkpoint.CheckpointSave(old),
-      config=ocp.args.JsonSave(json.loads(serialize.to_json(config)))))
+      config=ocp.args.JsonSave(json.loads(serialize.to_json(config)))),
+      metrics={checkpoints.HEALTHY: 1.0})
   manager.wait_until_finished()
   manager.close()
   assert os.path.exists(os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json"))

@@ -40,7 +40,7 @@ def _state(bad_steps: int = 0) -> _State:
 
 def _session(tmp_path, watch=None, **overrides):
   config = tiny_config(**{"num_train_steps": 6, "checkpoint_every_steps": 4, **overrides})
-  return session_lib.Session(str(tmp_path), config, watch), config
+  return session_lib.Session(str(tmp_path), config, watch).begin(), config
 
 
 def _position(config):

@@ -54,6 +54,7 @@ PHASE_EVENTS: dict[str, tuple[str, str] | str] = {
     "compile": "COMPILE",
     "eval": "EVAL",
     "checkpoint": "CHECKPOINT_SAVE",
+    "rollback": "ROLLBACK",
 }
 _RUN_NAME = re.compile(r"^[a-z][-a-z0-9]{0,62}$")
 

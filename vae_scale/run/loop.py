@@ -116,6 +116,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   progs = programs.build(config, mesh, frozen=_frozen(config, model_cfg),
                          lpips_params=nets.get("lpips"))
 
+  session.begin()  # Everything checked: from here on the run writes into its workdir.
   restored = session.restore(abstract_state=progs.abstract_state, replicated=progs.replicated,
                              data_source=repr(train_source))
   state = resume.state_from(restored, progs.abstract_state, progs.init, init_params=init_params,

@@ -78,6 +78,8 @@ class Session:
     options: the operator's flags (`Options`); None: the defaults.
   Raises:
     LeaseError: another live run holds the workdir (nothing was written to it).
+
+  The lease is taken at construction; `begin` starts writing into the workdir.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict,
@@ -87,8 +89,24 @@ class Session:
     options = options or Options()
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.chief = self.process_index == 0
+    self._options = options
     self._exit = contextlib.ExitStack()
     self.lease = self._take_lease(options.force_lease)  # Before anything is written.
+    self.hooks: list[Hook] = []  # Called with the step after each step, before saving, in order.
+    self.guard = guard_lib.Guard(config)
+    self._verdict: guard_lib.Verdict | None = None  # Seen at a log step, acted on after it.
+    self._unhealthy = False  # A verdict the guard (off) did not act on: later saves are suspect.
+    self._evaluated: tuple[int, dict[str, float]] = (-1, {})
+    self._restore_target: tuple[Any, Any] | None = None  # (abstract state, sharding).
+    self._lr_scaled_until = -1
+    self._compiled: set[str] = set()
+    self._pending_commit: int | None = None  # A step whose asynchronous save may not be done.
+
+  def begin(self) -> "Session":
+    """Starts writing into the workdir: the goodput record, the checkpoint manager, the opt-in
+    diagnostics. The loop calls it once its input, weights and config have passed their checks,
+    so a run refused for bad input leaves nothing behind but a released lease."""
+    options = self._options
     try:
       self.recorder = goodput.Recorder(self.workdir, enabled=self.chief,
                                        start_time=self.watch.start_time)
@@ -101,19 +119,11 @@ class Session:
       self.hang = self._exit.enter_context(cloud.hang_diagnostics(
           options.cloud.hang_diagnostics, options.cloud.hang_timeout_s,
           options.cloud.stack_trace_to_cloud))
-      self.manager = checkpoints.create_manager(self.workdir, config)
+      self.manager = checkpoints.create_manager(self.workdir, self.config)
     except BaseException:
       self._exit.close()
       raise
-    self.hooks: list[Hook] = []  # Called with the step after each step, before saving, in order.
-    self.guard = guard_lib.Guard(config)
-    self._verdict: guard_lib.Verdict | None = None  # Seen at a log step, acted on after it.
-    self._unhealthy = False  # A verdict the guard (off) did not act on: later saves are suspect.
-    self._evaluated: tuple[int, dict[str, float]] = (-1, {})
-    self._restore_target: tuple[Any, Any] | None = None  # (abstract state, sharding).
-    self._lr_scaled_until = -1
-    self._compiled: set[str] = set()
-    self._pending_commit: int | None = None  # A step whose asynchronous save may not be done.
+    return self
 
   def _take_lease(self, force: bool) -> lease_lib.Lease | None:
     """Process 0 takes the workdir's lease; every process learns whether it did (the others trust
