@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator benchmark suite: vae_scale's ldm_f8 training step against PyTorch on one GPU.
 #
-#   bench/gpu_suite.sh OUTDIR [PART ...]     (PART: env bf16 f32 batch best loader; default: all)
+#   bench/gpu_suite.sh OUTDIR [PART ...]   (PART: env bf16 f32 batch best loader norm; default: all)
 #
 # Every measurement is one command below, run under its own time limit, in priority order, inside
 # a total budget (SUITE_BUDGET_S, default 560 s, so that one call of a 10-minute lease holds it).
@@ -14,11 +14,13 @@
 #   batch   bf16 at batch 16 without remat (the largest power of two that fits without it)
 #   best    torch at batch 16; bf16 at batch 32 with remat=block
 #   loader  the Grain input pipeline on generated 500x375 JPEGs with the host's cores
+#   norm    what the GroupNorm variance costs: the bf16 ae step at batch 8 with flax's fast
+#           variance, two-pass and shifted one-pass, timed in alternating rounds (issue 23)
 # The figures go into BENCHMARKS.md ("GPU" sections) with the device and versions from env.
 set -u
 OUT=${1:?usage: bench/gpu_suite.sh OUTDIR [PART ...]}
 shift
-PARTS=${*:-env bf16 f32 batch best loader}
+PARTS=${*:-env bf16 f32 batch best loader norm}
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-560}
@@ -78,7 +80,10 @@ $PY -c 'import jax; print(jax.devices(), jax.__version__)'" ;;
     loader)
       run loader 150 "$PY" -m vae_scale.bench data --num_images=512 --batch_size=64 \
           --workers="0,4,$(( $(nproc) - 2 ))" --seconds=8 --rounds=2 --json="$OUT/loader.json" ;;
-    *) echo "unknown part: $part (env bf16 f32 batch best loader)" >&2; exit 2 ;;
+    norm)
+      run norm_bf16_b8 300 "$PY" bench/norm_cost.py $LDM --config.model.dtype=bfloat16 --batch=8 \
+          --steps=5 --rounds=6 --json_out="$OUT/norm_bf16_b8.json" ;;
+    *) echo "unknown part: $part (env bf16 f32 batch best loader norm)" >&2; exit 2 ;;
   esac
 done
 echo "suite: $(( $(date +%s) - START ))s of ${BUDGET}s" | tee -a "$OUT/suite.txt"

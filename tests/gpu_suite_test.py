@@ -36,6 +36,16 @@ def test_parts_run_the_step_and_the_peer_with_the_same_precision_and_batch(tmp_p
   assert "bf16_b8 rc=0" in suite and "torch_f32_b8 rc=0" in suite
 
 
+def test_the_norm_part_times_the_variance_forms_of_the_ldm_f8_step(tmp_path):
+  proc, out, calls = _suite(tmp_path, "norm")
+  assert proc.returncode == 0, proc.stderr
+  assert len(calls) == 1 and calls[0].startswith("bench/norm_cost.py --config=configs/ldm_f8.py")
+  for flag in ("--config.model.dtype=bfloat16", "--batch=8",
+               f"--json_out={out}/norm_bf16_b8.json"):
+    assert flag in calls[0]
+  assert "norm_bf16_b8 rc=0" in (out / "suite.txt").read_text()
+
+
 def test_what_does_not_fit_the_budget_is_skipped_and_listed(tmp_path):
   proc, out, calls = _suite(tmp_path, "bf16", budget="0")
   assert proc.returncode == 0 and calls == []

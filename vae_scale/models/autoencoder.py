@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from vae_scale.models import norms
+
 Array = jax.Array
 
 
@@ -51,14 +53,16 @@ class AutoencoderConfig:
 
 
 class GroupNorm(nnx.Module):
-  """GroupNorm(eps 1e-6) whose statistics and affine are computed in float32, whatever the input."""
+  """GroupNorm(eps 1e-6) with two-pass statistics and the affine in float32 (float64 in a float64
+  run), whatever the input's dtype (see `norms`)."""
 
   def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs):
-    self.norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, dtype=jnp.float32,
-                              rngs=rngs)
+    # dtype None: the norm computes in its input's dtype, which __call__ sets.
+    self.norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, dtype=None,
+                              use_fast_variance=False, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+    return self.norm(x.astype(norms.stat_dtype(x.dtype))).astype(x.dtype)
 
 
 def _conv(cin: int, cout: int, k: int, dtype, rngs: nnx.Rngs, stride: int = 1,
@@ -88,7 +92,8 @@ class ResnetBlock(nnx.Module):
 
 
 class AttnBlock(nnx.Module):
-  """Single-head self-attention over all positions, scale C^-1/2, residual; softmax in float32."""
+  """Single-head self-attention over all positions, scale C^-1/2, residual; softmax in float32
+  (float64 in a float64 run)."""
 
   def __init__(self, channels: int, cfg: AutoencoderConfig, *, rngs: nnx.Rngs):
     self.group_norm = GroupNorm(channels, cfg.norm_groups, rngs=rngs)
@@ -100,7 +105,8 @@ class AttnBlock(nnx.Module):
     b, hh, ww, c = x.shape
     h = self.group_norm(x).reshape(b, hh * ww, c)
     q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-    scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+    scores = jnp.einsum("bqc,bkc->bqk", q, k,
+                        preferred_element_type=norms.stat_dtype(q.dtype)) * (c ** -0.5)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bqk,bkc->bqc", weights, v)
     return x + self.to_out(out).reshape(b, hh, ww, c)
@@ -265,18 +271,19 @@ class Decoder(nnx.Module):
     return nnx.silu(self.conv_norm_out(h))
 
   def __call__(self, z: Array, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
-    return self.conv_out(self.features(z, deterministic, rngs)).astype(jnp.float32)
+    return self.conv_out(self.features(z, deterministic, rngs)).astype(norms.stat_dtype(self.dtype))
 
 
 @jax.tree_util.register_pytree_node_class
 class DiagonalGaussian:
-  """The posterior q(z|x) = N(mean, exp(logvar)); arrays are [B, h, w, z_channels] float32.
+  """The posterior q(z|x) = N(mean, exp(logvar)); arrays are [B, h, w, z_channels] float32
+  (float64 for float64 moments).
 
   A pytree, so it can leave jit and grad as an auxiliary output.
   """
 
   def __init__(self, moments: Array):
-    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    mean, logvar = jnp.split(moments.astype(norms.stat_dtype(moments.dtype)), 2, axis=-1)
     self.mean = mean
     self.logvar = jnp.clip(logvar, -30.0, 20.0)
 
@@ -298,8 +305,12 @@ class DiagonalGaussian:
     return obj
 
   def sample(self, rng: Array) -> Array:
-    """A reparameterized draw mean + std * eps, differentiable in mean and logvar."""
-    return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
+    """A reparameterized draw mean + std * eps, differentiable in mean and logvar.
+
+    eps is drawn in float32 whatever the posterior's dtype, so a float64 run (the float64 yardstick
+    of tests/numerics_test.py) draws the same numbers as a float32 one."""
+    eps = jax.random.normal(rng, self.mean.shape, jnp.float32)
+    return self.mean + self.std * eps.astype(self.mean.dtype)
 
   def mode(self) -> Array:
     return self.mean
@@ -358,4 +369,4 @@ class AutoencoderKL(nnx.Module):
               posterior.mean + posterior.std * noise)
     z = self.post_quant_conv(sample.astype(self.config.dtype))
     h = self.decoder.features(z, deterministic, rngs)
-    return self.decoder.conv_out(h).astype(jnp.float32), posterior, h
+    return self.decoder.conv_out(h).astype(norms.stat_dtype(h.dtype)), posterior, h

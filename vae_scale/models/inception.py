@@ -5,7 +5,10 @@ torchvision's Inception3 stem, Mixed_6a (InceptionB) and Mixed_7a (InceptionD), 
 FIDInceptionA (Mixed_5b/c/d), FIDInceptionC (Mixed_6b..e), FIDInceptionE_1 (Mixed_7b) and
 FIDInceptionE_2 (Mixed_7c): their branch average pools exclude the padding from the count
 (count_include_pad=False, as TensorFlow's), and E_2's pool branch is a 3x3 max pool. Every conv is
-BasicConv2d: conv without bias, batch norm in inference mode (eps 0.001), ReLU.
+BasicConv2d: conv without bias, batch norm in inference mode (eps 0.001), ReLU. The batch norm is
+inference-only: it applies the stored running mean and variance and computes no statistics (so
+none can lose digits to E[x²] − E[x]²); it is built with use_fast_variance=False all the same, as
+every norm of the package is (tests/norms_test.py checks it).
 
 Input convention: vae_scale images [B, H, W, 3] in [-1, 1] are mapped to pytorch-fid's [0, 1] by
 (x + 1) / 2, then pytorch-fid's own path follows: bilinear resize to 299x299 (align_corners=False,
@@ -62,7 +65,7 @@ class BasicConv2d(nnx.Module):
     self.conv = nnx.Conv(cin, cout, _pair(kernel), strides=stride, padding=((ph, ph), (pw, pw)),
                          use_bias=False, dtype=dtype, precision=precision, rngs=rngs)
     self.bn = nnx.BatchNorm(cout, use_running_average=True, epsilon=BN_EPS, dtype=jnp.float32,
-                            rngs=rngs)
+                            use_fast_variance=False, rngs=rngs)
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:

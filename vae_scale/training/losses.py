@@ -1,4 +1,8 @@
-"""Pure loss and metric functions of the KL autoencoder. Images are NHWC float in [-1, 1]."""
+"""Pure loss and metric functions of the KL autoencoder. Images are NHWC float in [-1, 1].
+
+Losses are computed in float32 (`norms.stat_dtype`: float64 when given float64, for the float64
+yardstick of tests/numerics_test.py); metrics in float32.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vae_scale.models.autoencoder import DiagonalGaussian
+from vae_scale.models.norms import stat_dtype
 
 Array = jax.Array
 
@@ -21,7 +26,8 @@ def to_unit_range(x: Array) -> Array:
 
 def l1_loss(x: Array, x_hat: Array) -> Array:
   """Mean absolute error per element. x, x_hat: [B, H, W, C] in [-1, 1]. Returns a scalar."""
-  return jnp.mean(jnp.abs(x.astype(jnp.float32) - x_hat.astype(jnp.float32)))
+  dtype = stat_dtype(jnp.result_type(x, x_hat))
+  return jnp.mean(jnp.abs(x.astype(dtype) - x_hat.astype(dtype)))
 
 
 def ssim(x: Array, x_hat: Array) -> Array:
@@ -30,8 +36,9 @@ def ssim(x: Array, x_hat: Array) -> Array:
   The reconstruction is not clipped before the loss (its gradient must not vanish outside
   [-1, 1]); only the mapping to [0, 1] is applied, with data range 1.
   """
-  a = (x.astype(jnp.float32) + 1.0) * 0.5
-  b = (x_hat.astype(jnp.float32) + 1.0) * 0.5
+  dtype = stat_dtype(jnp.result_type(x, x_hat))
+  a = (x.astype(dtype) + 1.0) * 0.5
+  b = (x_hat.astype(dtype) + 1.0) * 0.5
   return dm_pix.ssim(a, b, max_val=1.0, filter_size=11, filter_sigma=1.5)
 
 
@@ -67,7 +74,8 @@ PerceptualFn = Callable[[Array, Array], Array]  # (x_hat, x) [B, H, W, 3] in [-1
 
 def l2_loss(x: Array, x_hat: Array) -> Array:
   """Mean squared error per element. x, x_hat: [B, H, W, C] in [-1, 1]. Returns a scalar."""
-  return jnp.mean(jnp.square(x.astype(jnp.float32) - x_hat.astype(jnp.float32)))
+  dtype = stat_dtype(jnp.result_type(x, x_hat))
+  return jnp.mean(jnp.square(x.astype(dtype) - x_hat.astype(dtype)))
 
 
 def reconstruction_loss(x: Array, x_hat: Array, *, l1_weight: float, ssim_weight: float,
