@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
-from vae_scale import bench_step
+from vae_scale.tools import bench_step
 from vae_scale.models import autoencoder
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

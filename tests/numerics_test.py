@@ -20,7 +20,7 @@ import skimage.data
 from flax import nnx
 
 from conftest import load_config
-from vae_scale import steps
+from vae_scale.training import steps
 
 STEPS = 30
 
