@@ -21,6 +21,7 @@ from flax import nnx
 
 from conftest import load_config
 from vae_scale.training import steps
+from vae_scale.training import train_state
 
 STEPS = 30
 
@@ -43,12 +44,12 @@ def yardstick_fixture():
 def build_yardstick():
   """(config, float32 step, float64 step, initial float32 state): each step compiles once."""
   config = load_config("tiny_config")
-  step_cfg, init = steps.build(config)
+  step_cfg, init = train_state.build(config)
   state = jax.jit(init)(jax.random.key(config.seed))
   with jax.enable_x64(True):
     config64 = config.copy_and_resolve_references()
     config64.model.dtype = "float64"
-    step_cfg64, _ = steps.build(config64)
+    step_cfg64, _ = train_state.build(config64)
   return (config, jax.jit(functools.partial(steps.train_step, cfg=step_cfg)),
           jax.jit(functools.partial(steps.train_step, cfg=step_cfg64)), state)
 
@@ -125,7 +126,7 @@ def test_float32_training_stays_near_float64_with_large_mean_activations(yardsti
 
 def test_first_group_norm_on_inputs_offset_by_20_against_float64_numpy():
   config = load_config("tiny_config")
-  step_cfg, init = steps.build(config)
+  step_cfg, init = train_state.build(config)
   state, batches = offset_case(config, jax.jit(init)(jax.random.key(config.seed)))
   model = nnx.merge(step_cfg.graphdef, state.params)
   h = model.encoder.conv_in(jnp.asarray(batches[0]))  # [8, 16, 16, 4]: mean ≈ 20, spread ≈ 0.01.
