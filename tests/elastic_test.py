@@ -383,8 +383,9 @@ def _trainer() -> None:
   from vae_scale import main as vae_main  # pylint: disable=g-import-not-at-top
   _record_global_batches(os.environ[RECORD_ENV])
   flags.mark_flags_as_required(["config", "workdir"])
-  distributed = cli.define_distributed_flags()
-  cli.run(lambda argv: vae_main.main(argv, distributed, watch))
+  from vae_scale.run import cloud  # pylint: disable=g-import-not-at-top
+  distributed, diagnostics = cli.define_distributed_flags(), cloud.define_flags()
+  cli.run(lambda argv: vae_main.main(argv, distributed, diagnostics, watch))
 
 
 if __name__ == "__main__":

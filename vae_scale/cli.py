@@ -126,24 +126,26 @@ def init_distributed(fl: dict[str, Any], watch: Any = None) -> None:
                                process_id=fl["process_id"].value, **extra)
   else:
     jax.distributed.initialize(**extra)
-  _no_cache_across_cpu_processes(jax)
+  _cache_per_cpu_process(jax)
   if watch is not None:
     watch.after_distributed_init()
 
 
-def _no_cache_across_cpu_processes(jax: Any) -> None:
-  """Turns JAX's persistent compilation cache off for a multi-process CPU run, with a warning.
+def _cache_per_cpu_process(jax: Any) -> None:
+  """Gives each process of a multi-process CPU run its own subdirectory of the persistent
+  compilation cache: PROCESS_of_COUNT.
 
-  Two CPU processes (gloo collectives) sharing a cache directory hung mid-run in this project's
-  tests (jax 0.10.2): an executable that one process wrote, loaded by another. Accelerator runs and
-  single-process runs keep the cache.
+  Two CPU processes (gloo collectives) sharing one cache directory hung mid-run in this project's
+  tests (jax 0.10.2): an executable that one process wrote, loaded by another. Each process reading
+  only what it wrote itself keeps the cache's gain (the next run of the same process loads its
+  programs instead of compiling them). Accelerator runs and single-process runs share the cache.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
-  if (jax.process_count() > 1 and jax.default_backend() == "cpu"
-      and jax.config.jax_compilation_cache_dir):
-    logging.warning("Persistent compilation cache %s off: multi-process CPU runs compile for "
-                    "themselves (a shared cache hung them).", jax.config.jax_compilation_cache_dir)
-    jax.config.update("jax_enable_compilation_cache", False)
+  directory = jax.config.jax_compilation_cache_dir
+  if jax.process_count() > 1 and jax.default_backend() == "cpu" and directory:
+    own = os.path.join(directory, f"{jax.process_index()}_of_{jax.process_count()}")
+    logging.info("Persistent compilation cache of this CPU process: %s", own)
+    jax.config.update("jax_compilation_cache_dir", own)
 
 
 def _one_line(text: str) -> str:
