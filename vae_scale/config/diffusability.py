@@ -32,15 +32,6 @@ def _fail(field: str, rule: str) -> None:
   raise ConfigError(f"config.{field}: {rule}")
 
 
-def equivariance_config(config: ml_collections.ConfigDict) -> equivariance.EquivarianceConfig:
-  """The EQ-VAE transform distribution of config.loss.equivariance_*."""
-  loss = config.loss
-  return equivariance.EquivarianceConfig(
-      prob=float(loss.equivariance_prob), low_res_prob=float(loss.equivariance_low_res_prob),
-      scales=tuple(float(s) for s in loss.equivariance_scales),
-      rotations=tuple(loss.equivariance_rotations))
-
-
 def smallest_inputs(config: ml_collections.ConfigDict) -> list[tuple[int, str]]:
   """(pixels, why) of the smallest images the step's terms take."""
   need = [(11, "the step's SSIM (an 11x11 window)")]
@@ -79,7 +70,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     if any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
       _fail(f"loss.equivariance_{name}", f"{tuple(values)} must hold only numbers"
             if name == "scales" else f"{tuple(values)} must hold only quarter turns (ints)")
-  eq = equivariance_config(config)
+  eq = equivariance.EquivarianceConfig.from_config(config)
   equivariance.check_config(eq, latent)
   smallest = min(eq.scales)
   pixels = round(smallest * image_size)

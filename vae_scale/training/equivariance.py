@@ -52,6 +52,15 @@ class EquivarianceConfig:
   scales: tuple[float, ...] = EQ_VAE_SCALES
   rotations: tuple[int, ...] = EQ_VAE_ROTATIONS
 
+  @classmethod
+  def from_config(cls, config: Any) -> "EquivarianceConfig":
+    """From a run config's loss.equivariance_{prob, low_res_prob, scales, rotations}."""
+    loss = config.loss
+    return cls(prob=float(loss.equivariance_prob),
+               low_res_prob=float(loss.equivariance_low_res_prob),
+               scales=tuple(float(s) for s in loss.equivariance_scales),
+               rotations=tuple(int(k) for k in loss.equivariance_rotations))
+
 
 class Transform(NamedTuple):
   """One step's draw (int32 scalars, a pytree).
