@@ -34,7 +34,7 @@ import ml_collections
 
 from vae_scale.config import serialize
 from vae_scale.errors import ConfigError
-from vae_scale.config import diffusability
+from vae_scale.config import diffusability_rules
 
 RESUME_KINDS = ("architecture", "norm_groups", "attention", "disc_architecture", "disc", "ema",
                 "freeze", "vf", "init", "seed", "batch", "learning_rate", "disc_learning_rate",
@@ -323,7 +323,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
             config.inception_weights):
       _fail("checkpoint.keep_best", f"{config.checkpoint.keep_best} is measured only with "
             f"{needs} set; set it, or keep the best by eval/psnr")
-  diffusability.check(config)
+  diffusability_rules.check(config)
   if training:
     _check_training(config)
   check_batch(config.global_batch_size, num_devices, num_processes,
@@ -340,9 +340,9 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
   dim = config.loss.vf_feature_dim
   if config.loss.vf_weight > 0 and not config.loss.vf_weights:
     _fail("loss.vf_weights", f"empty, but loss.vf_weight={config.loss.vf_weight} needs DINOv2 "
-          f"weights: convert a transformers DINOv2 folder once ({diffusability.dinov2_model(dim)} "
-          f"for loss.vf_feature_dim={dim}) with `python -m vae_scale.convert "
-          "dinov2 --src=DIR --out=dinov2.safetensors`, then pass "
+          "weights: convert a transformers DINOv2 folder once "
+          f"({diffusability_rules.dinov2_model(dim)} for loss.vf_feature_dim={dim}) with `python "
+          "-m vae_scale.convert dinov2 --src=DIR --out=dinov2.safetensors`, then pass "
           "--config.loss.vf_weights=dinov2.safetensors")
   if config.freeze_encoder and not config.init_from:
     _fail("init_from", "empty, but freeze_encoder=True trains the decoder against a frozen "
