@@ -16,7 +16,9 @@ def _one_step(config):
   mesh = sharding.create_mesh()
   progs = programs.build(config, mesh, dinov2=frozen_weights.load_vf_dinov2(config))
   local = next(iter(pipeline.create_train_dataset(config, 0, 1)))
-  state, m = progs.ae_step(progs.init(), sharding.global_batch({"image": local["image"]}, mesh))
+  state = progs.init()
+  _, step = progs.step_at(0, False, np.asarray(state.rng))  # EQ-VAE: the view step 0 draws.
+  state, m = step(state, sharding.global_batch({"image": local["image"]}, mesh))
   return jax.tree.map(np.asarray, state), {k: float(v) for k, v in m.compute().items()}
 
 

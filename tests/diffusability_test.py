@@ -130,6 +130,9 @@ def _eq_step(**kw):
                           "loss.equivariance_scales": (0.5,), **kw})
   cfg, init = train_state.build(config)
   state = init(jax.random.key(0))
+  # The program of the view step 0 draws, as the loop picks it (programs.TrainPrograms.step_at).
+  cfg = dataclasses.replace(cfg, view=diffusability.view_at(cfg.equivariance,
+                                                            np.asarray(state.rng), 0))
   x = _batch(config)
   _, m = jax.jit(functools.partial(steps.train_step, cfg=cfg))(state, {"image": x})
   sample_rng = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0))[0]
@@ -165,22 +168,29 @@ def test_a_low_resolution_step_reconstructs_the_down_scaled_image():
   assert v["loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
-def test_views_and_the_draw_are_pure_in_the_step_key():
+def test_views_and_the_host_draw_of_each_step():
   cfg = equivariance.EquivarianceConfig(scales=(0.25, 0.5), rotations=(1, 2, 3))
-  kinds = [(v.kind, v.scale) for v in diffusability.views(cfg)]
-  assert kinds == [(equivariance.PLAIN, 1.0), (equivariance.EQUIVARIANT, 0.25),
-                   (equivariance.EQUIVARIANT, 0.5), (equivariance.LOW_RES, 0.25),
-                   (equivariance.LOW_RES, 0.5)]
-  picked = lambda key: diffusability.switch_views(
-      lambda rotation, view: (view.kind * 10 + int(view.scale * 4), rotation), cfg, key)
-  # The same key, the same view; over steps the shares follow prob and low_res_prob.
-  keys = [jax.random.fold_in(jax.random.key(0), s) for s in range(400)]
-  draws = [tuple(int(a) for a in jax.jit(picked)(k)) for k in keys]
-  assert draws == [tuple(int(a) for a in jax.jit(picked)(k)) for k in keys]
-  tau = np.mean([d[0] // 10 == equivariance.EQUIVARIANT for d in draws])
-  low = np.mean([d[0] // 10 == equivariance.LOW_RES for d in draws])
-  assert abs(tau - 0.5) < 0.08 and abs(low - 0.5 * 0.25) < 0.06
-  assert {d[1] for d in draws if d[0] // 10 == equivariance.EQUIVARIANT} == {1, 2, 3}
+  assert [v.name for v in equivariance.views(cfg)] == ["plain", "tau0.25", "tau0.5", "low0.25",
+                                                        "low0.5"]
+  rng = np.asarray(jax.random.key_data(jax.random.key(7)))
+  drawn = [diffusability.view_at(cfg, rng, s) for s in range(400)]
+  assert drawn == [diffusability.view_at(cfg, rng, s) for s in range(400)]  # Pure in the key.
+  # The draw the step makes in its program from its key (steps.train_step), step by step.
+  step_key = lambda s: jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(rng)), s)
+  for s in range(0, 400, 37):
+    t = jax.jit(diffusability.transform_of, static_argnums=1)(step_key(jnp.int32(s)), cfg)
+    assert equivariance.view_of(jax.device_get(t), cfg) == drawn[s]
+  share = lambda kind: np.mean([v.kind == kind for v in drawn])
+  assert abs(share(equivariance.EQUIVARIANT) - 0.5) < 0.08
+  assert abs(share(equivariance.LOW_RES) - 0.5 * 0.25) < 0.06
+  assert {v.scale for v in drawn if v.kind == equivariance.EQUIVARIANT} == {0.25, 0.5}
+
+
+def test_a_traced_rotation_is_the_static_one():
+  x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+  for k in range(4):
+    np.testing.assert_array_equal(np.asarray(jax.jit(equivariance.rotate)(x, jnp.int32(k))),
+                                  np.rot90(np.asarray(x), k, axes=(2, 1)))
 
 
 @pytest.mark.slow

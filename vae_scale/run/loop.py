@@ -67,6 +67,11 @@ def _init_projection(config: ml_collections.ConfigDict) -> np.ndarray | None:
   return proj
 
 
+def _host_rng(state: train_state.TrainState) -> np.ndarray:
+  """TrainState.rng on this host (replicated: any local shard holds it, on any process count)."""
+  return np.asarray(state.rng.addressable_shards[0].data)
+
+
 class TrainMetrics:
   """The train steps' metrics since the last log line, merged on the devices; skipped files."""
 
@@ -139,6 +144,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   state = resume.state_from(restored, progs.abstract_state, progs.init, init_params=init_params,
                             replicated=progs.replicated,
                             init_vf_proj=_init_projection(config) if restored is None else None)
+  state_rng = _host_rng(state)  # Constant over the run: the host's draw of EQ-VAE's views.
   if restored is None and init_params is not None:
     logging.info("Initialized the autoencoder from %s", config.init_from)
   position = resume.data_position(restored, config, repr(train_source))
@@ -211,7 +217,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     step = start_step
     while step < config.num_train_steps:
       # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
-      variant = "gan" if progs.gan_step is not None and step >= config.disc.start_step else "ae"
+      variant, program = progs.step_at(
+          step, progs.gan_step is not None and step >= config.disc.start_step, state_rng)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with session.phase("data"):
           local = next(train_iter)
@@ -219,14 +226,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           local = corrupt(local, position.at(step), position.at(step + 1))
         batch = sharding.global_batch(
             {k: v for k, v in local.items() if k != skipping.SKIPPED_KEY}, mesh)
-        state, metrics = session.run_step(
-            variant, progs.gan_step if variant == "gan" else progs.ae_step, state, batch,
-            session.lr_scale(step))
+        state, metrics = session.run_step(variant, program, state, batch,
+                                          session.lr_scale(step))
       train_metrics.add(metrics, local)
       step += 1
       rolled = session.after_step(step, state, position)
       if rolled is not None:  # The guard rolled back: that checkpoint, and the data past the window.
         state = resume.state_from(rolled, progs.abstract_state, progs.init)
+        state_rng = _host_rng(state)
         position = resume.data_position(rolled, config, repr(train_source))
         train_iter, step = stream(position), position.step
         train_metrics = TrainMetrics(config, step)

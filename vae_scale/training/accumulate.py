@@ -30,7 +30,8 @@ import optax
 from vae_scale.training import diffusability
 from vae_scale.training import losses
 from vae_scale.training import step_parts
-from vae_scale.training.diffusability import View
+from vae_scale.training.equivariance import PLAIN_VIEW
+from vae_scale.training.equivariance import View
 from vae_scale.training.train_state import StepConfig
 from vae_scale.training.train_state import TrainState
 
@@ -51,7 +52,7 @@ def split(a: Array, k: int) -> Array:
 
 def accumulated_step(state: TrainState, x: Array, lpips_params: Any, step_rng: Array,
                      kl_weight: Array, disc_factor: Array, lr_scale: Array | None = None, *,
-                     cfg: StepConfig, view: View = diffusability.PLAIN,
+                     cfg: StepConfig, view: View = PLAIN_VIEW,
                      rotation: Array | int = 0, noise: Array | None = None,
                      features: Array | None = None, extra: dict[str, Array] | None = None
                      ) -> tuple[TrainState, Any]:

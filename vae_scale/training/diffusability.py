@@ -12,19 +12,22 @@ The pure pieces are `vf_loss` (the loss, the projection, the adaptive weight) an
   from the VJP of the decoder pass the loss already made (one extra decoder backward to its input,
   as LightningDiT's torch.autograd.grad(nll, last_layer) pays), then both gradients go through
   the encoder's last conv, quant_conv and the sampling by one VJP.
-* `switch_views`: EQ-VAE replaces the whole step (its loss, the discriminator's update, the
-  metrics) by one on transformed images: one compiled branch per (kind, scale), chosen by a draw
-  that is a pure function of the step's key (fold_in of a constant), so the existing draws of the
-  step are unchanged and a resumed run draws the same transforms.
+* `view_at`: EQ-VAE replaces the whole step (its loss, the discriminator's update, the metrics) by
+  one on transformed images. Each view (plain, tau or low-resolution, per scale;
+  `equivariance.View`) is a static part of the step, so its own compiled program; the draw is a
+  pure function of the step's key (fold_in of a constant, `transform_of`), so the step's other
+  draws are unchanged and a resumed run draws the same views. The loop computes the same draw on
+  the host to pick the program; the step draws its rotation itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vae_scale.models import dinov2
@@ -37,61 +40,30 @@ Array = jax.Array
 EQ_SALT = 0x4551  # fold_in constant of the step key that draws EQ-VAE's transform.
 
 
-@dataclasses.dataclass(frozen=True)
-class View:
-  """How a step sees its batch (static: each view is its own compiled branch).
+def transform_of(step_key: Array, cfg: equivariance.EquivarianceConfig
+                 ) -> equivariance.Transform:
+  """The EQ-VAE draw of a train step, a pure function of the step's key (fold_in of EQ_SALT)."""
+  return equivariance.sample_transform(jax.random.fold_in(step_key, EQ_SALT), cfg)
 
-  Attributes:
-    kind: equivariance.PLAIN, EQUIVARIANT (decode tau(z), target tau(x)) or LOW_RES (the image
-      down-scaled before encoding).
-    scale: the down-scaling factor of EQUIVARIANT and LOW_RES views (1 for PLAIN).
+
+@functools.partial(jax.jit, static_argnums=2)
+def _host_draw(rng: Array, step: Array, cfg: equivariance.EquivarianceConfig
+               ) -> equivariance.Transform:
+  return transform_of(jax.random.fold_in(jax.random.wrap_key_data(rng), step), cfg)
+
+
+def view_at(cfg: equivariance.EquivarianceConfig, rng: np.ndarray, step: int
+            ) -> equivariance.View:
+  """The view of train step `step` of a run whose TrainState.rng is `rng` (on the host): the
+  draw the step itself makes from its key (`steps.train_step`), computed on the CPU.
+
+  The loop picks the step's compiled program with it (one per view, like the adversarial
+  variant): a lax.switch over the views inside one program would run ~12x slower on XLA:CPU
+  (BENCHMARKS.md), and every view has its own shapes anyway.
   """
-
-  kind: int = equivariance.PLAIN
-  scale: float = 1.0
-
-  def input(self, x: Array) -> Array:
-    """The images the encoder sees: [B, H, W, 3] or, LOW_RES, [B, sH, sW, 3]."""
-    return equivariance.downscale(x, self.scale) if self.kind == equivariance.LOW_RES else x
-
-  def pair(self, z: Array, x: Array, rotation: Array | int) -> tuple[Array, Array]:
-    """(latents to decode, images to reconstruct): (tau(z), tau(x)) for EQUIVARIANT, else (z, x)."""
-    if self.kind == equivariance.EQUIVARIANT:
-      return equivariance.transform_pair(z, x, self.scale, rotation)
-    return z, x
-
-  def metrics(self) -> dict[str, Array]:
-    """The EQ metrics of a step seen through this view (1 or 0: their means are shares)."""
-    one = lambda b: jnp.asarray(1.0 if b else 0.0, jnp.float32)
-    return {"eq_tau_steps": one(self.kind == equivariance.EQUIVARIANT),
-            "eq_low_res_steps": one(self.kind == equivariance.LOW_RES)}
-
-
-PLAIN = View()
-
-
-def views(cfg: equivariance.EquivarianceConfig) -> list[View]:
-  """Every view of an equivariance run: plain, a tau view per scale, a low-res view per scale."""
-  return ([PLAIN] + [View(equivariance.EQUIVARIANT, s) for s in cfg.scales] +
-          [View(equivariance.LOW_RES, s) for s in cfg.scales])
-
-
-def switch_views(step: Callable[..., Any], cfg: equivariance.EquivarianceConfig, key: Array,
-                 *operands: Any) -> Any:
-  """`step(*operands, rotation, view=v)` for the view `v` this step's draw picks.
-
-  Args:
-    step: the step body; every view's call must return the same pytree structure and shapes.
-    cfg: the transform distribution.
-    key: the step's key (the draw uses fold_in(key, EQ_SALT)).
-    operands: the body's arguments before the rotation.
-  """
-  t = equivariance.sample_transform(jax.random.fold_in(key, EQ_SALT), cfg)
-  n = len(cfg.scales)
-  index = jnp.where(t.mode == equivariance.EQUIVARIANT, 1 + t.scale_index,
-                    jnp.where(t.mode == equivariance.LOW_RES, 1 + n + t.scale_index, 0))
-  branches = [lambda *ops, v=v: step(*ops, t.rotation, view=v) for v in views(cfg)]
-  return jax.lax.switch(index, branches, *operands)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    t = _host_draw(np.asarray(rng, np.uint32), np.int32(step), cfg)
+  return equivariance.view_of(jax.device_get(t), cfg)
 
 
 def posterior_noise(cfg: StepConfig, params: Any, x: Array, key: Array) -> Array:
@@ -125,7 +97,8 @@ class Forward(NamedTuple):
 
 
 def forward(cfg: StepConfig, params: Any, x: Array, noise: Array, dropout_rng: Array, *,
-            view: View = PLAIN, rotation: Array | int = 0, with_vjp: bool = False) -> Forward:
+            view: equivariance.View = equivariance.PLAIN_VIEW, rotation: Array | int = 0,
+            with_vjp: bool = False) -> Forward:
   """The autoencoder's pass of a step on `x` (the view's input, [B, H, W, 3] in [-1, 1]).
 
   The plain view is `AutoencoderKL.forward_with_features(x, key, noise=noise)` op for op.

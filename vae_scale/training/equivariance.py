@@ -150,7 +150,10 @@ def rotate(x: Array, k: Array | int) -> Array:
     return jnp.rot90(x, k, axes=(2, 1))
   if x.shape[1] != x.shape[2]:
     raise ValueError(f"a traced rotation needs square images or latents, not {x.shape[1:3]}")
-  return jax.lax.switch(k, [lambda x, q=q: jnp.rot90(x, q, axes=(2, 1)) for q in range(4)], x)
+  turns = [jnp.rot90(x, q, axes=(2, 1)) for q in range(4)]
+  # A select rather than lax.switch: XLA:CPU runs the ops of a conditional's branches many times
+  # slower than the same ops outside one (BENCHMARKS.md); four turned copies are cheap.
+  return jnp.select([k == q for q in range(4)], turns)
 
 
 def transform_pair(z: Array, x: Array, scale: float, k: Array | int) -> tuple[Array, Array]:
@@ -163,6 +166,57 @@ def transform_pair(z: Array, x: Array, scale: float, k: Array | int) -> tuple[Ar
     k: quarter turns (static or traced).
   """
   return rotate(downscale(z, scale), k), rotate(downscale(x, scale), k)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """How a train step sees its batch: static, so each view is its own compiled step.
+
+  Attributes:
+    kind: PLAIN, EQUIVARIANT (decode tau(z), reconstruct tau(x)) or LOW_RES (the image
+      down-scaled before encoding, then reconstructed).
+    scale: the down-scaling factor of EQUIVARIANT and LOW_RES views (1 for PLAIN).
+  """
+
+  kind: int = PLAIN
+  scale: float = 1.0
+
+  @property
+  def name(self) -> str:
+    """'plain', 'tau0.5', 'low0.25', ...: the step variant's name."""
+    return {PLAIN: "plain", EQUIVARIANT: f"tau{self.scale:g}",
+            LOW_RES: f"low{self.scale:g}"}[self.kind]
+
+  def input(self, x: Array) -> Array:
+    """The images the encoder sees: [B, H, W, 3], or for LOW_RES [B, sH, sW, 3]."""
+    return downscale(x, self.scale) if self.kind == LOW_RES else x
+
+  def pair(self, z: Array, x: Array, rotation: Array | int) -> tuple[Array, Array]:
+    """(latents to decode, images to reconstruct): (tau(z), tau(x)) for EQUIVARIANT, else (z, x)."""
+    if self.kind == EQUIVARIANT:
+      return transform_pair(z, x, self.scale, rotation)
+    return z, x
+
+  def metrics(self) -> dict[str, Array]:
+    """The step's EQ metrics (1 or 0: their means over steps are the shares of each kind)."""
+    one = lambda b: jnp.asarray(1.0 if b else 0.0, jnp.float32)
+    return {"eq_tau_steps": one(self.kind == EQUIVARIANT),
+            "eq_low_res_steps": one(self.kind == LOW_RES)}
+
+
+PLAIN_VIEW = View()
+
+
+def views(cfg: EquivarianceConfig) -> list[View]:
+  """Every view of a run: plain, a tau view per scale, a low-resolution view per scale."""
+  return ([PLAIN_VIEW] + [View(EQUIVARIANT, s) for s in cfg.scales] +
+          [View(LOW_RES, s) for s in cfg.scales])
+
+
+def view_of(t: Transform, cfg: EquivarianceConfig) -> View:
+  """The view a concrete draw (host values) picks."""
+  mode, index = int(t.mode), int(t.scale_index)
+  return PLAIN_VIEW if mode == PLAIN else View(mode, cfg.scales[index])
 
 
 def switch_on_scale(t: Transform, cfg: EquivarianceConfig,

@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vae_scale.models.dinov2 import Dinov2Config
+from vae_scale.training import diffusability
+from vae_scale.training import equivariance
 from vae_scale.training import sharding
 from vae_scale.training import steps
 from vae_scale.training import train_state
@@ -35,6 +37,9 @@ class TrainPrograms:
     ae_step: (state, {'image': [B, H, W, 3]}) -> (state, metrics), the discriminator not run
       (a `Bound` step: the frozen LPIPS and DINOv2 params ride along as arguments).
     gan_step: the same with the adversarial term, or None when the run has no discriminator.
+    view_steps: with EQ-VAE's term, {(adversarial, view): step} for every view of the run
+      (`equivariance.views`; the plain view's are ae_step and gan_step); else empty. Each is
+      compiled when first called.
   """
 
   step_cfg: train_state.StepConfig
@@ -45,6 +50,23 @@ class TrainPrograms:
   init: Callable[[], train_state.TrainState]
   ae_step: Any
   gan_step: Any
+  view_steps: dict[tuple[bool, equivariance.View], Bound] = dataclasses.field(
+      default_factory=dict)
+
+  def step_at(self, step: int, adversarial: bool, rng: np.ndarray) -> tuple[str, Bound]:
+    """(variant name, program) of train step `step`: 'ae' or 'gan', and with EQ-VAE's term the
+    view that step's key draws ('ae:tau0.5', ...; `diffusability.view_at`).
+
+    Args:
+      step: the step's index (TrainState.step before it).
+      adversarial: the discriminator runs (step >= disc.start_step).
+      rng: TrainState.rng on the host (uint32 [2]; constant over a run).
+    """
+    name = "gan" if adversarial else "ae"
+    if not self.view_steps:
+      return name, self.gan_step if adversarial else self.ae_step
+    view = diffusability.view_at(self.step_cfg.equivariance, rng, step)
+    return f"{name}:{view.name}", self.view_steps[(adversarial, view)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +155,17 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
   ae_step = jit_train_step(step_cfg, state_sharding, mesh, lpips_params, dinov2_params)
   gan_step = (jit_train_step(dataclasses.replace(step_cfg, adversarial=True), state_sharding, mesh,
                              lpips_params, dinov2_params) if with_disc else None)
+  view_steps = {}
+  if step_cfg.equivariance is not None:  # One program per view: shapes differ between them.
+    for adversarial in (False, True) if with_disc else (False,):
+      for view in equivariance.views(step_cfg.equivariance):
+        view_steps[(adversarial, view)] = jit_train_step(
+            dataclasses.replace(step_cfg, adversarial=adversarial, view=view), state_sharding,
+            mesh, lpips_params, dinov2_params)
+    ae_step = view_steps[(False, equivariance.PLAIN_VIEW)]
+    gan_step = view_steps.get((True, equivariance.PLAIN_VIEW))
   return TrainPrograms(step_cfg=step_cfg,
                        abstract_state=sharding.with_shardings(abstract, state_sharding),
                        state_sharding=state_sharding, replicated=sharding.replicated(mesh),
                        batch_sharding=sharding.batch_sharding(mesh), init=init, ae_step=ae_step,
-                       gan_step=gan_step)
+                       gan_step=gan_step, view_steps=view_steps)

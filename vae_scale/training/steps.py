@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -12,7 +11,6 @@ from vae_scale.training import accumulate
 from vae_scale.training import diffusability
 from vae_scale.training import losses
 from vae_scale.training import step_parts
-from vae_scale.training.diffusability import View
 from vae_scale.training.train_state import StepConfig
 from vae_scale.training.train_state import TrainState
 
@@ -24,8 +22,9 @@ def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = N
                cfg: StepConfig) -> tuple[TrainState, Any]:
   """One optimizer step of the autoencoder (and, when `cfg.adversarial`, of the discriminator).
 
-  With EQ-VAE's term on (cfg.equivariance) the step is, by a draw from the step's key, a plain
-  step, a tau step or a low-resolution step (`diffusability.switch_views`).
+  With EQ-VAE's term on (cfg.equivariance) this is the step of one view, cfg.view (plain, tau or
+  low-resolution): the caller picks the program of the view the step's key draws
+  (`diffusability.view_at`), and the step draws the tau rotation from the same key.
 
   Args:
     state: the train state (donated).
@@ -42,18 +41,9 @@ def train_step(state: TrainState, batch: dict[str, Array], lpips_params: Any = N
   """
   # fold_in the step: a resumed run draws exactly the numbers an uninterrupted one would.
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  operands = (state, batch["image"], lpips_params, dinov2_params, lr_scale, step_rng)
-  if cfg.equivariance is None:
-    return _view_step(*operands, 0, view=diffusability.PLAIN, cfg=cfg)
-  return diffusability.switch_views(functools.partial(_view_step, cfg=cfg), cfg.equivariance,
-                                    step_rng, *operands)
-
-
-def _view_step(state: TrainState, x: Array, lpips_params: Any, dinov2_params: Any,
-               lr_scale: Array | None, step_rng: Array, rotation: Array | int, *, view: View,
-               cfg: StepConfig) -> tuple[TrainState, Any]:
-  """`train_step` on the batch seen through `view` (tau steps turn latent and image by
-  `rotation` quarter turns)."""
+  view, x = cfg.view, batch["image"]
+  rotation = (diffusability.transform_of(step_rng, cfg.equivariance).rotation
+              if cfg.equivariance is not None else 0)
   sample_rng, dropout_rng = jax.random.split(step_rng)
   kl_weight = losses.kl_weight_at(state.step, cfg.kl_weight, cfg.kl_warmup_steps)
   disc_factor = jnp.asarray(cfg.disc_factor if cfg.adversarial else 0.0, jnp.float32)

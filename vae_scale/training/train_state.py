@@ -23,6 +23,8 @@ from vae_scale.training import metrics
 from vae_scale.training import optim
 from vae_scale.training import vf_loss
 from vae_scale.training.equivariance import EquivarianceConfig
+from vae_scale.training.equivariance import PLAIN_VIEW
+from vae_scale.training.equivariance import View
 from vae_scale.training.vf_loss import VFLossConfig
 
 Array = jax.Array
@@ -94,6 +96,8 @@ class StepConfig:
       vf_normalize: 'none' | 'imagenet' (`dinov2.preprocess`).
     equivariance: EQ-VAE's transform distribution (loss.equivariance_weight > 0), or None;
       equivariance_weight: multiplies the reconstruction term of its tau steps.
+    view: the EQ-VAE view this variant of the step computes (`equivariance.View`; PLAIN without
+      the term): each view is its own compiled step, picked on the host (`diffusability.view_at`).
   """
 
   graphdef: nnx.GraphDef
@@ -123,6 +127,7 @@ class StepConfig:
   vf_normalize: str = "none"
   equivariance: EquivarianceConfig | None = None
   equivariance_weight: float = 0.0
+  view: View = PLAIN_VIEW
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
