@@ -6,17 +6,19 @@ naming the field, before anything compiles. The rules:
 - the VF loss aligns the latent grid (image_size / f) with DINOv2's patch grid of the image resized
   to (image_size / f) x 14 px, so the autoencoder must downsample by f >= 14 (f16 and up: then
   every image_size divisible by f works; 256 px with f16 is LightningDiT's 224 px, 16 x 16 grid);
-- every equivariance scale maps the latent to whole pixels (`training.equivariance.check_config`);
+- every equivariance scale maps the latent to whole pixels (`check_transforms`);
 - the smallest scaled image is large enough for the step's SSIM (11 px), LPIPS (16 px) and the
   PatchGAN (3 x 2**n_layers px).
 """
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import ml_collections
 
 from vae_scale.errors import ConfigError
-from vae_scale.training import equivariance
 
 DINOV2_PATCH = 14  # DINOv2's patch size: the VF loss's features come on a 14-px grid.
 DINOV2_MODELS = {384: "facebook/dinov2-small", 768: "facebook/dinov2-base",
@@ -30,6 +32,35 @@ def dinov2_model(width: int) -> str:
 
 def _fail(field: str, rule: str) -> None:
   raise ConfigError(f"config.{field}: {rule}")
+
+
+def check_transforms(cfg: Any, latent_size: int, field: str = "loss.equivariance") -> None:
+  """One ConfigError line for a transform set the latent cannot take, before anything compiles.
+
+  Args:
+    cfg: the transform distribution (`training.equivariance.EquivarianceConfig`, or anything with
+      its prob, low_res_prob, scales and rotations).
+    latent_size: the latent's side (image_size / the autoencoder's downsampling factor).
+    field: the config field prefix for messages.
+  """
+  def fail(name: str, rule: str) -> None:
+    raise ConfigError(f"config.{field}_{name}: {rule}")
+
+  for name, p in (("prob", cfg.prob), ("low_res_prob", cfg.low_res_prob)):
+    if not 0.0 <= p <= 1.0:
+      fail(name, f"{p} is not a probability in [0, 1]")
+  if not cfg.scales:
+    fail("scales", "empty; give at least one down-scaling factor, e.g. (0.25, 0.5, 0.75)")
+  step = max(1, latent_size // 4)
+  examples = ", ".join(f"{k / latent_size:g}" for k in range(step, latent_size + 1, step))
+  for s in cfg.scales:
+    size = s * latent_size
+    if not 0.0 < s <= 1.0 or abs(size - round(size)) > 1e-9:
+      fail("scales", f"{s} does not map the {latent_size}x{latent_size} latent to whole pixels "
+           f"({s} x {latent_size} = {size:g}); use k/{latent_size} for k = 1 ... {latent_size}, "
+           f"e.g. {examples}")
+  if not cfg.rotations or any(k not in (0, 1, 2, 3) for k in cfg.rotations):
+    fail("rotations", f"{cfg.rotations} must be a non-empty subset of quarter turns (0, 1, 2, 3)")
 
 
 def smallest_inputs(config: ml_collections.ConfigDict) -> list[tuple[int, str]]:
@@ -70,8 +101,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     if any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
       _fail(f"loss.equivariance_{name}", f"{tuple(values)} must hold only numbers"
             if name == "scales" else f"{tuple(values)} must hold only quarter turns (ints)")
-  eq = equivariance.EquivarianceConfig.from_config(config)
-  equivariance.check_config(eq, latent)
+  eq = types.SimpleNamespace(
+      prob=loss.equivariance_prob, low_res_prob=loss.equivariance_low_res_prob,
+      scales=tuple(float(s) for s in loss.equivariance_scales),
+      rotations=tuple(loss.equivariance_rotations))
+  check_transforms(eq, latent)
   smallest = min(eq.scales)
   pixels = round(smallest * image_size)
   for size, why in smallest_inputs(config):

@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vae_scale.errors import ConfigError
+from vae_scale.config import diffusability_rules
 from vae_scale.models import resample
 
 Array = jax.Array
@@ -78,31 +78,15 @@ class Transform(NamedTuple):
 
 def check_config(cfg: EquivarianceConfig, latent_size: int, field: str = "loss.equivariance"
                  ) -> None:
-  """One ConfigError line for a transform set the latent cannot take, before anything compiles.
+  """One ConfigError line for a transform set the latent cannot take, before anything compiles
+  (`config.diffusability_rules.check_transforms`, which `config.schema.validate` runs).
 
   Args:
     cfg: the transform distribution.
     latent_size: the latent's side (image_size / the autoencoder's downsampling factor).
     field: the config field prefix for messages.
   """
-  def fail(name: str, rule: str) -> None:
-    raise ConfigError(f"config.{field}_{name}: {rule}")
-
-  for name, p in (("prob", cfg.prob), ("low_res_prob", cfg.low_res_prob)):
-    if not 0.0 <= p <= 1.0:
-      fail(name, f"{p} is not a probability in [0, 1]")
-  if not cfg.scales:
-    fail("scales", "empty; give at least one down-scaling factor, e.g. (0.25, 0.5, 0.75)")
-  step = max(1, latent_size // 4)
-  examples = ", ".join(f"{k / latent_size:g}" for k in range(step, latent_size + 1, step))
-  for s in cfg.scales:
-    size = s * latent_size
-    if not 0.0 < s <= 1.0 or abs(size - round(size)) > 1e-9:
-      fail("scales", f"{s} does not map the {latent_size}x{latent_size} latent to whole pixels "
-           f"({s} x {latent_size} = {size:g}); use k/{latent_size} for k = 1 ... {latent_size}, "
-           f"e.g. {examples}")
-  if not cfg.rotations or any(k not in (0, 1, 2, 3) for k in cfg.rotations):
-    fail("rotations", f"{cfg.rotations} must be a non-empty subset of quarter turns (0, 1, 2, 3)")
+  diffusability_rules.check_transforms(cfg, latent_size, field)
 
 
 def sample_transform(key: Array, cfg: EquivarianceConfig) -> Transform:
