@@ -172,14 +172,20 @@ def test_eq_vae_ft_is_eq_vaes_fine_tune():
   assert c.optimizer.learning_rate == pytest.approx(7.2e-4)
 
 
-def _vf(**kw):
-  """The demo at 64 px as an f16 model with the VF loss on (its weights a placeholder)."""
+def _loss(image_size=None, ch_mult=None, **loss):
+  """A mutation of the demo: loss fields set, and the image size and levels when given."""
   def mutate(c):
-    c.image_size, c.model.ch_mult = 64, (1, 1, 1, 1, 1)
-    c.loss.vf_weight, c.loss.vf_weights = 0.5, "dinov2.safetensors"
-    for key, value in kw.items():
+    if image_size:
+      c.image_size, c.model.ch_mult = image_size, ch_mult
+    for key, value in loss.items():
       setattr(c.loss, key, value)
   return mutate
+
+
+def _vf(**kw):
+  """The demo at 64 px as an f16 model with the VF loss on (its weights a placeholder)."""
+  return _loss(64, (1, 1, 1, 1, 1), **{"vf_weight": 0.5, "vf_weights": "dinov2.safetensors",
+                                       **kw})
 
 
 def test_vf_rules():
@@ -204,12 +210,8 @@ def test_vf_rules():
   schema.validate(config, num_devices=8, training=False)
 
 
-def _eq(**kw):
-  def mutate(c):  # The demo: 64 px, f4, a 16x16 latent.
-    c.loss.equivariance_weight = 1.0
-    for key, value in kw.items():
-      setattr(c.loss, key, value)
-  return mutate
+def _eq(**kw):  # The demo: 64 px, f4, a 16x16 latent.
+  return _loss(**{"equivariance_weight": 1.0, **kw})
 
 
 def test_equivariance_rules():

@@ -17,6 +17,11 @@ With the discriminator, what differs from one pass over the whole batch:
   weights. The update is mean_j grad rec_j + d_weight * disc_factor * mean_j grad g_j, so each
   micro-batch pays one extra backward pass (the two parts are taken apart by one VJP);
 - the discriminator's gradients are averaged over the micro-batches too.
+
+With VA-VAE's VF loss, its adaptive weight is each micro-batch's own (the norms of that
+micro-batch's gradients at the encoder's last conv, inside its loss); with a constant weight
+(loss.vf_adaptive=False) the step equals one pass. EQ-VAE's view and rotation are the step's, the
+same for every micro-batch.
 """
 
 from __future__ import annotations

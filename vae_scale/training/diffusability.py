@@ -52,6 +52,15 @@ def _host_draw(rng: Array, step: Array, cfg: equivariance.EquivarianceConfig
   return transform_of(jax.random.fold_in(jax.random.wrap_key_data(rng), step), cfg)
 
 
+def _host_device() -> Any:
+  """The CPU, where tiny host-side draws belong; None (the default device) when JAX_PLATFORMS
+  leaves it out. jax.random's draws are the same on every backend."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:
+    return None
+
+
 def view_at(cfg: equivariance.EquivarianceConfig, rng: np.ndarray, step: int
             ) -> equivariance.View:
   """The view of train step `step` of a run whose TrainState.rng is `rng` (on the host): the
@@ -61,7 +70,7 @@ def view_at(cfg: equivariance.EquivarianceConfig, rng: np.ndarray, step: int
   variant): a lax.switch over the views inside one program would run ~12x slower on XLA:CPU
   (BENCHMARKS.md), and every view has its own shapes anyway.
   """
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+  with jax.default_device(_host_device()):
     t = _host_draw(np.asarray(rng, np.uint32), np.int32(step), cfg)
   return equivariance.view_of(jax.device_get(t), cfg)
 

@@ -74,7 +74,8 @@ def split_trainable(state: TrainState, tree: Any) -> tuple[Any, Any]:
 
 
 def rec_and_kl(cfg: StepConfig, rec_fn: Callable[[Array], tuple[Array, dict[str, Array]]],
-               fwd: Any, kl_weight: Array, view: Any) -> tuple[Array, dict[str, Array]]:
+               fwd: Any, kl_weight: Array, view: equivariance.View
+               ) -> tuple[Array, dict[str, Array]]:
   """The reconstruction term of a forward pass (`diffusability.Forward`) + the KL term.
 
   In an EQ-VAE tau view the reconstruction term is multiplied by cfg.equivariance_weight (the

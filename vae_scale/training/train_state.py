@@ -83,7 +83,7 @@ class StepConfig:
       error and LPIPS terms (>= 0; see `losses.reconstruction_loss`).
     kl_weight: weight of the KL term after `kl_warmup_steps` of linear warm-up.
     reduction: 'mean' (per-element means) or 'ldm_sum' (LDM's summed units): `losses.REDUCTIONS`.
-    lpips_dtype: compute dtype of LPIPS's VGG convs (the model's dtype).
+    lpips_dtype: compute dtype of LPIPS's VGG convs and DINOv2's matmuls (the model's dtype).
     dropout: the model's dropout rate (0: the step runs deterministically).
     ema_decay: decay of the parameter EMA (0: no EMA).
     z_channels: latent channels (for the per-channel KL metrics).
