@@ -1,7 +1,7 @@
 r"""The cost of VA-VAE's VF loss and EQ-VAE's term: train-step time against the same step without.
 
   python bench/diffusability_cost.py [--image_size=128] [--batch=8] [--rounds=5] [--steps=6] \
-      [--variants=base,vf_s,vf_s_const,vf_l,eq] [--json_out=PATH]
+      [--variants=base,vf_s,vf_s_const,vf_l,eq] [--json_out=PATH] [--full_size --flops_only]
 
 Every variant is the same f16 autoencoder (ch 32, ch_mult (1, 1, 2, 2, 4), one ResNet block per
 level, no discriminator, L1 + 0.5 SSIM + KL), built as the train loop builds it
@@ -21,7 +21,9 @@ take turns (EQ-VAE's steps run the program of the view each step draws, as the l
 round runs `--steps` steps of every variant in order, each step ended by block_until_ready; a
 variant's time is the median over rounds of its mean step time in the round, and the ratio is
 against `base` measured in the same rounds ('pooled': all its steps over all of base's, which
-averages EQ-VAE's views over every draw). Prints a table and, with --json_out, the figures.
+averages EQ-VAE's views over every draw). XLA's FLOP count of each program (EQ-VAE: the mean over
+its views weighted by their probabilities) gives the same ratio without the machine's noise.
+Prints a table and, with --json_out, the figures.
 """
 
 from __future__ import annotations
@@ -64,12 +66,37 @@ def _dinov2_file(directory: str, size: str) -> str:
   return path
 
 
-def _config(variant: str, image_size: int, batch: int, directory: str):
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis.get("flops", float("nan")))
+
+
+def _expected_flops(programs_: dict, eq_cfg) -> float:
+  """XLA's FLOPs of a step; for EQ-VAE the mean over its views, weighted by their probabilities
+  (plain (1 - p)(1 - q), each tau view p / n, each low-resolution view (1 - p) q / n)."""
+  if eq_cfg is None:
+    return _flops(programs_[None])
+  from vae_scale.training import equivariance  # pylint: disable=g-import-not-at-top
+  p, q, n = eq_cfg.prob, eq_cfg.low_res_prob, len(eq_cfg.scales)
+  weight = {equivariance.PLAIN: (1 - p) * (1 - q), equivariance.EQUIVARIANT: p / n,
+            equivariance.LOW_RES: (1 - p) * q / n}
+  return sum(weight[view.kind] * _flops(c) for view, c in programs_.items())
+
+
+def _config(variant: str, image_size: int, batch: int, directory: str, full_size: bool = False):
   import demo  # pylint: disable=g-import-not-at-top
-  config = demo.get_config()
+  import vavae_f16d32  # pylint: disable=g-import-not-at-top
+  if full_size:  # VA-VAE's f16d32 model, L1 + 0.5 SSIM + KL, no discriminator (as below).
+    config = vavae_f16d32.get_config("stage1")
+    config.loss.reduction, config.loss.perceptual_weight = "mean", 0.0
+    config.loss.ssim_weight, config.loss.kl_weight = 0.5, 1e-6
+    config.disc.enabled, config.loss.vf_weight = False, 0.0
+  else:
+    config = demo.get_config()
+    config.model.ch, config.model.ch_mult = 32, (1, 1, 2, 2, 4)
+    config.model.num_res_blocks, config.model.norm_groups = 1, 8
   config.image_size = image_size
-  config.model.ch, config.model.ch_mult = 32, (1, 1, 2, 2, 4)
-  config.model.num_res_blocks, config.model.norm_groups = 1, 8
   config.global_batch_size = batch
   config.data.source = "synthetic"
   config.ema_decay = 0.0
@@ -94,6 +121,10 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--json_out", default="")
+  parser.add_argument("--full_size", action="store_true",
+                      help="VA-VAE's f16d32 autoencoder (ch 128) instead of the small one")
+  parser.add_argument("--flops_only", action="store_true",
+                      help="compile and report XLA's FLOPs ratios, no timing")
   args = parser.parse_args()
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
@@ -117,10 +148,10 @@ def main() -> None:
     run[1], _ = pick(step)(state, batch)
     run[2] = step + 1
 
-  runs, compile_s = {}, {}
+  runs, compile_s, flops = {}, {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in variants:
-      config = _config(name, args.image_size, args.batch, tmp)
+      config = _config(name, args.image_size, args.batch, tmp, args.full_size)
       schema.validate(config, num_devices=1)
       progs = programs.build(config, mesh, dinov2=frozen_weights.load_vf_dinov2(config))
       state = progs.init()
@@ -131,14 +162,22 @@ def main() -> None:
                    in progs.view_steps.items()} or {None: progs.ae_step.lower(
                        progs.abstract_state, batch).compile()}
       compile_s[name] = time.perf_counter() - start
+      flops[name] = _expected_flops(programs_, progs.step_cfg.equivariance)
       pick = (lambda step, p=programs_, c=progs.step_cfg.equivariance, r=rng: p[
           diffusability.view_at(c, r, step)]) if progs.view_steps else (
               lambda step, p=programs_: p[None])
       runs[name] = [pick, state, 0]
+      if args.flops_only:
+        print(f"{name}: compiled in {compile_s[name]:.1f} s, {flops[name] / args.batch / 1e9:.1f} "
+              f"GFLOP per image, {flops[name] / flops['base']:.3f} x base", flush=True)
+        del runs[name]
+        continue
       for _ in range(args.warmup):
         _run(runs[name])
       jax.block_until_ready(runs[name][1])
       print(f"{name}: compiled in {compile_s[name]:.1f} s", flush=True)
+  if args.flops_only:
+    return
   times = {name: [] for name in variants}
   for r in range(args.rounds):
     for name in variants:
@@ -157,16 +196,17 @@ def main() -> None:
             "steps": args.steps, "variants": {}}
   print(f"\n{cpu}, {os.cpu_count()} cores; {args.image_size} px, batch {args.batch}")
   print("| variant | step (median of rounds) | ratio to base: median of rounds (range) | "
-        "pooled | compile |")
+        "pooled | XLA FLOPs ratio | compile |")
   for name in variants:
     ratios = [t / b for t, b in zip(times[name], base)]
     pooled = sum(times[name]) / sum(base)  # All steps: EQ's draws differ from round to round.
     result["variants"][name] = {"step_ms": 1e3 * statistics.median(times[name]),
                                 "ratio": statistics.median(ratios), "ratios": ratios,
-                                "pooled_ratio": pooled, "compile_s": compile_s[name]}
+                                "pooled_ratio": pooled, "compile_s": compile_s[name],
+                                "flops": flops[name], "flops_ratio": flops[name] / flops["base"]}
     print(f"| {name} | {1e3 * statistics.median(times[name]):.0f} ms | "
           f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
-          f"{pooled:.2f} | {compile_s[name]:.0f} s |")
+          f"{pooled:.2f} | {flops[name] / flops['base']:.2f} | {compile_s[name]:.0f} s |")
   if args.json_out:
     pathlib.Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
 
