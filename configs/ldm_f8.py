@@ -65,6 +65,33 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.reduction = "mean"
   config.loss.kl_weight = 2.0833e-8
   config.loss.kl_warmup_steps = 0  # Linear KL-weight warm-up from 0; 0 = off.
+  # VA-VAE's vision-foundation (VF) alignment (hustvl/LightningDiT; configs/vavae_f16d32.py): a
+  # trained 1x1 projection of the latent sample to DINOv2's width is pulled towards DINOv2's patch
+  # features of the image on the latent grid (marginal cosine + marginal distance-matrix terms),
+  # weighted by ||grad rec|| / ||grad vf|| at the encoder's last conv x vf_weight. 0 = off; needs
+  # an f16 (or coarser) autoencoder and vf_weights.
+  config.loss.vf_weight = 0.0
+  config.loss.vf_margin_cos = 0.0  # m1 in relu(1 - m1 - cos(proj(z), f)), in [0, 2).
+  config.loss.vf_margin_distmat = 0.0  # m2 in relu(|cos(z_i, z_j) - cos(f_i, f_j)| - m2).
+  # DINOv2 weights (safetensors): `python -m vae_scale.convert dinov2 --src=HF_DIR --out=FILE`.
+  config.loss.vf_weights = ""
+  config.loss.vf_feature_dim = 1024  # DINOv2's width: 384 S, 768 B, 1024 L (LightningDiT), 1536 G.
+  config.loss.vf_adaptive = True  # The adaptive weight above; False: vf_weight alone.
+  config.loss.vf_normalize = "none"  # none: images in [-1, 1] (LightningDiT's) | imagenet.
+  # Resample DINOv2's position embeddings with antialias (timm's, so LightningDiT's), whatever the
+  # converted file says (transformers' Dinov2Model: without).
+  config.loss.vf_pos_antialias = True
+  # EQ-VAE's equivariance regulariser (zelaki/eqvae; configs/eq_vae_ft.py): with probability
+  # equivariance_prob a step reconstructs tau(x) from tau(z) (tau: a down-scaling from
+  # equivariance_scales, then quarter turns from equivariance_rotations), else with
+  # equivariance_low_res_prob a down-scaled image, else x. The weight multiplies the reconstruction
+  # term in tau steps (1 = EQ-VAE); 0 = off. Each scale is a compiled branch of the step (two each).
+  config.loss.equivariance_weight = 0.0
+  config.loss.equivariance_prob = 0.5
+  config.loss.equivariance_low_res_prob = 0.25
+  # Each x the latent side must be whole (EQ-VAE's code draws k/32, k = 8..31; its README: these).
+  config.loss.equivariance_scales = (0.25, 0.5, 0.75)
+  config.loss.equivariance_rotations = (1, 2, 3)  # Quarter turns.
 
   # -- Optimizer (LDM: Adam b=(0.5, 0.9), lr = 4.5e-6 x global batch, no schedule) -----
   config.optimizer = ml_collections.ConfigDict()

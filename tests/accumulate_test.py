@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from vae_scale.models import frozen_weights
 from vae_scale.training import programs
 from vae_scale.training import sharding
 from vae_scale.run import state_tree
@@ -13,9 +14,11 @@ from vae_scale.data import pipeline
 
 def _one_step(config):
   mesh = sharding.create_mesh()
-  progs = programs.build(config, mesh)
+  progs = programs.build(config, mesh, dinov2=frozen_weights.load_vf_dinov2(config))
   local = next(iter(pipeline.create_train_dataset(config, 0, 1)))
-  state, m = progs.ae_step(progs.init(), sharding.global_batch({"image": local["image"]}, mesh))
+  state = progs.init()
+  _, step = progs.step_at(0, False, np.asarray(state.rng))  # EQ-VAE: the view step 0 draws.
+  state, m = step(state, sharding.global_batch({"image": local["image"]}, mesh))
   return jax.tree.map(np.asarray, state), {k: float(v) for k, v in m.compute().items()}
 
 
@@ -36,6 +39,32 @@ def test_accumulating_micro_batches_equals_one_step_on_the_whole_batch():
   for name in ("loss", "l1", "ssim_loss", "kl", "psnr"):
     assert m4[name] == pytest.approx(m1[name], rel=1e-5), name
   assert m4["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("term", ["vf", "equivariance"])
+def test_accumulating_with_the_vf_or_eq_term_equals_one_step_on_the_whole_batch(term, tmp_path):
+  """With a constant VF weight (its adaptive weight is each micro-batch's own), and with EQ-VAE's
+  tau steps (the same view and rotation for every micro-batch), the gradients are the batch's."""
+  import feature_nets  # pylint: disable=g-import-not-at-top
+  base = {"global_batch_size": 16, "optimizer.learning_rate": 1e-3}
+  if term == "vf":
+    base.update({"image_size": 32, "model.ch_mult": (1, 1, 1, 1, 1), "loss.vf_weight": 0.5,
+                 "loss.vf_adaptive": False, "loss.vf_feature_dim": 16,
+                 "loss.vf_weights": feature_nets.dinov2_file(tmp_path / "d.safetensors", 16)})
+  else:
+    base.update({"image_size": 32, "loss.equivariance_weight": 1.0,
+                 "loss.equivariance_prob": 1.0, "loss.equivariance_scales": (0.5,)})
+  whole, m1 = _one_step(tiny_config(**base))
+  accum, m2 = _one_step(tiny_config(**base, **{"optimizer.grad_accum_steps": 2}))
+  moment = lambda s: {k: v for k, v in state_tree.flat(s.opt_state).items() if "/mu/" in k}
+  a, b = moment(whole), moment(accum)
+  assert any("vf_proj" in k for k in a) == (term == "vf")
+  scale = max(float(np.max(np.abs(v))) for v in a.values())
+  worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a) / scale
+  assert worst < 1e-5, worst
+  for name in ("loss", "l1", "kl", "psnr") + (("vf_loss",) if term == "vf" else ("eq_tau_steps",)):
+    assert m2[name] == pytest.approx(m1[name], rel=1e-5), name
 
 
 @pytest.mark.slow

@@ -154,3 +154,22 @@ def torch_dinov2(registers: bool = False, seed: int = 0, **config):
         p.copy_(0.5 * torch.randn(p.shape, generator=g))
   return net.eval()
 
+
+
+def dinov2_file(path, hidden_size: int = 16, seed: int = 0, **config) -> str:
+  """A tiny DINOv2 weights file as `convert dinov2` writes it (tagged, architecture in the
+  metadata), with flax's seeded random init and no torch: for the VF loss's wiring tests."""
+  import json  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vae_scale.interop import safetensors_io  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import dinov2  # pylint: disable=g-import-not-at-top
+  from vae_scale.models import frozen_weights  # pylint: disable=g-import-not-at-top
+  from vae_scale.models.lpips import flat_state  # pylint: disable=g-import-not-at-top
+  cfg = dinov2.Dinov2Config(**{"hidden_size": hidden_size, "num_layers": 2, "num_heads": 2,
+                               "image_size": 56, **config})
+  net = dinov2.Dinov2(cfg, rngs=nnx.Rngs(seed))
+  params = {k: np.asarray(v, np.float32) for k, v in flat_state(nnx.state(net, nnx.Param)).items()}
+  safetensors_io.write_safetensors(params, str(path), metadata={
+      frozen_weights.NET_KEY: frozen_weights.DINOV2_NET,
+      frozen_weights.CONFIG_KEY: json.dumps(cfg.to_dict(), sort_keys=True)})
+  return str(path)

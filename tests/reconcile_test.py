@@ -98,6 +98,29 @@ def test_freeze_switched():
   assert plan.freeze_changed and "train again with Adam moments from zero" in plan.lines[0]
 
 
+def test_vf_loss_switched_and_its_width_changed():
+  on = _resume(_stored(loss__vf_weight=0.0), _config(loss__vf_weight=0.5))
+  assert on.lines == ("resume at step 8: loss.vf_weight 0.0 -> 0.5: VF loss turned on; its 1x1 "
+                      "projection and Adam moments start fresh",)
+  assert on.changes[0].kind == "vf" and not on.warnings and not on.reset_data
+  off = _resume(_stored(loss__vf_weight=0.5), _config(loss__vf_weight=0.0))
+  assert "VF loss turned off; its projection is dropped from new checkpoints" in off.lines[0]
+  # VA-VAE's stages change the weight and margins: the projection continues.
+  stage = _resume(_stored(loss__vf_weight=0.5), _config(loss__vf_weight=0.1,
+                                                       loss__vf_margin_cos=0.5))
+  assert {c.kind for c in stage.changes} == {"continue"}
+  assert "the projection continues" in stage.lines[1]
+  width = _resume(_stored(loss__vf_weight=0.5), _config(loss__vf_weight=0.5,
+                                                       loss__vf_feature_dim=768))
+  assert width.changes[0].kind == "vf" and width.warnings == width.lines
+  assert "now maps to DINOv2's width 768: it and its Adam moments start fresh" in width.lines[0]
+  idle = _resume(_stored(), _config(loss__vf_feature_dim=768))  # VF off: no state involved.
+  assert idle.changes[0].kind == "continue" and not idle.warnings
+  # EQ-VAE's term keeps no state: switching it only changes the step.
+  eq = _resume(_stored(), _config(loss__equivariance_weight=1.0))
+  assert eq.changes[0].kind == "continue"
+
+
 def test_architecture_change_is_one_line_naming_every_field():
   with pytest.raises(ConfigError) as e:
     _resume(_stored(), _config(model__ch=64, model__ch_mult=(1, 2, 4)))

@@ -262,3 +262,18 @@ def test_a_truncated_array_file_is_still_damage(plain_run, tmp_path, caplog):
   assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))[0].startswith("4-")
   _equal(state.params, plain_run[1]["params"])
   del state4
+
+
+def test_graft_takes_a_stored_leaf_only_with_the_wanted_shape():
+  """A new loss.vf_feature_dim: the stored projection (and its moments) of the old width is not
+  carried over; the rest is."""
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
+  abstract = {"params": {"w": sds(2)}, "vf_proj": sds(4, 8), "opt_state": {"mu": sds(4, 8)}}
+  restored = {"params": {"w": np.ones(2, np.float32)}, "vf_proj": np.ones((4, 16), np.float32),
+              "opt_state": {"mu": np.ones((4, 16), np.float32)}}
+  fresh = lambda: {"params": {"w": np.zeros(2, np.float32)}, "vf_proj": np.full((4, 8), 5.0),
+                   "opt_state": {"mu": np.zeros((4, 8), np.float32)}}
+  out = state_tree.graft(abstract, restored, fresh)
+  np.testing.assert_array_equal(out["params"]["w"], np.ones(2))
+  np.testing.assert_array_equal(out["vf_proj"], np.full((4, 8), 5.0))
+  np.testing.assert_array_equal(out["opt_state"]["mu"], np.zeros((4, 8)))

@@ -11,6 +11,8 @@ What a change at resume means (`Field.resume`):
   attention          moves self-attention between levels unless the attended sizes stay the same
   disc_architecture  the discriminator's architecture: refused when it is on before and after
   disc, ema, freeze  the discriminator / EMA / encoder freezing switched: state started or dropped
+  vf                 the VF loss's trained projection: started (vf_weight 0 -> > 0, or another
+                     vf_feature_dim) or dropped (vf_weight -> 0)
   init               only read when a run starts
   seed               the data order: the stream restarts
   batch              images per step: the data position (in images) is kept, with a warning
@@ -32,9 +34,10 @@ import ml_collections
 
 from vae_scale.config import serialize
 from vae_scale.errors import ConfigError
+from vae_scale.config import diffusability_rules
 
 RESUME_KINDS = ("architecture", "norm_groups", "attention", "disc_architecture", "disc", "ema",
-                "freeze", "init", "seed", "batch", "learning_rate", "disc_learning_rate",
+                "freeze", "vf", "init", "seed", "batch", "learning_rate", "disc_learning_rate",
                 "disc_start", "stream", "eval_set", "decode", "compute", "continue")
 DATA_SOURCES = ("folder", "tfds", "synthetic", "samples")
 # Held-out metrics a run can keep its best checkpoint by, and whether higher is better.
@@ -53,6 +56,7 @@ class Field:
     min: the inclusive lower bound, or None.
     positive: must be > 0.
     below: the exclusive upper bound, or None.
+    max: the inclusive upper bound, or None.
     resume: what a change at resume means (one of RESUME_KINDS; see the module docstring).
     sources: for resume='stream': the data.source values whose train stream the field chooses.
     hint: appended to a bound's error line.
@@ -63,6 +67,7 @@ class Field:
   min: float | None = None
   positive: bool = False
   below: float | None = None
+  max: float | None = None
   resume: str = "continue"
   sources: tuple[str, ...] = ()
   hint: str = ""
@@ -131,6 +136,20 @@ FIELDS: dict[str, Field] = {
     "loss.perceptual_weight": _float(**_NONNEG),
     "loss.lpips_weights": _str(),
     "loss.reduction": _str(choices=("mean", "ldm_sum")),
+    # -- diffusability: VA-VAE's VF alignment with DINOv2, EQ-VAE's equivariance
+    "loss.vf_weight": _float(**_NONNEG, resume="vf", hint=" (0 turns the VF loss off)"),
+    "loss.vf_margin_cos": _float(min=0, below=2),
+    "loss.vf_margin_distmat": _float(min=0, below=2),
+    "loss.vf_weights": _str(),
+    "loss.vf_feature_dim": _int(**_POS, resume="vf"),
+    "loss.vf_adaptive": _bool(),
+    "loss.vf_normalize": _str(choices=("none", "imagenet")),
+    "loss.vf_pos_antialias": _bool(),
+    "loss.equivariance_weight": _float(**_NONNEG, hint=" (0 turns EQ-VAE's term off)"),
+    "loss.equivariance_prob": _float(min=0, max=1),
+    "loss.equivariance_low_res_prob": _float(min=0, max=1),
+    "loss.equivariance_scales": _tuple(),
+    "loss.equivariance_rotations": _tuple(),
     # -- optimizer
     "optimizer.name": _str(choices=("adam", "adamw")),
     "optimizer.learning_rate": _float(**_POS, resume="learning_rate"),
@@ -215,6 +234,8 @@ def _check_row(name: str, row: Field, value: Any) -> None:
     _fail(name, f"must be in [{row.min:g}, {row.below:g}){row.hint}, got {value}")
   if row.min is not None and value < row.min:
     _fail(name, f"must be >= {row.min:g}{row.hint}, got {value}")
+  if row.max is not None and value > row.max:
+    _fail(name, f"must be <= {row.max:g}{row.hint}, got {value}")
 
 
 def check_batch(global_batch_size: int, num_devices: int | None = None,
@@ -255,7 +276,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     num_devices: the global device count; when given, the global batch must split evenly.
     num_processes: the process count; likewise.
     training: also check what only training needs (LPIPS weights for loss.perceptual_weight > 0,
-      init_from for freeze_encoder); evaluate and encode pass False.
+      DINOv2 weights for loss.vf_weight > 0, init_from for freeze_encoder); evaluate and encode
+      pass False.
 
   Raises:
     ConfigError: on the first broken rule, naming the field and the rule.
@@ -301,6 +323,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
             config.inception_weights):
       _fail("checkpoint.keep_best", f"{config.checkpoint.keep_best} is measured only with "
             f"{needs} set; set it, or keep the best by eval/psnr")
+  diffusability_rules.check(config)
   if training:
     _check_training(config)
   check_batch(config.global_batch_size, num_devices, num_processes,
@@ -314,6 +337,13 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
           f"{config.loss.perceptual_weight} needs LPIPS-VGG weights: make them once with `python "
           "-m vae_scale.convert lpips --out=lpips_vgg.safetensors`, then pass "
           "--config.loss.lpips_weights=lpips_vgg.safetensors")
+  dim = config.loss.vf_feature_dim
+  if config.loss.vf_weight > 0 and not config.loss.vf_weights:
+    _fail("loss.vf_weights", f"empty, but loss.vf_weight={config.loss.vf_weight} needs DINOv2 "
+          "weights: convert a transformers DINOv2 folder once "
+          f"({diffusability_rules.dinov2_model(dim)} for loss.vf_feature_dim={dim}) with `python "
+          "-m vae_scale.convert dinov2 --src=DIR --out=dinov2.safetensors`, then pass "
+          "--config.loss.vf_weights=dinov2.safetensors")
   if config.freeze_encoder and not config.init_from:
     _fail("init_from", "empty, but freeze_encoder=True trains the decoder against a frozen "
           "encoder, which would stay at its random init: point init_from at the weights to "

@@ -40,11 +40,24 @@ def table_line(result: dict[str, Any]) -> str:
           f"{result['num_images']} images")
 
 
+def latent_line(result: dict[str, Any]) -> str:
+  """The latent's statistics of a result: std, the high-frequency share, the VF cosine."""
+  line = f"latent std {result['latent_std']:.4g}"
+  if result.get("latent_hf_share") is not None:
+    line += f", spectral energy above Nyquist/2 {100 * result['latent_hf_share']:.1f}%"
+  if result.get("vf_cosine") is not None:
+    line += f", VF cosine {result['vf_cosine']:.4f}"
+  return line
+
+
 def scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
   """The scalar metrics of a result for TensorBoard: floats, plus one per latent channel."""
   out = {f"{prefix}/{k}": v for k, v in result.items() if isinstance(v, float)}
-  for c, (kl, std) in enumerate(zip(result["kl_per_channel"], result["latent_std_per_channel"])):
+  for c, (kl, mean, std) in enumerate(zip(result["kl_per_channel"],
+                                          result["latent_mean_per_channel"],
+                                          result["latent_std_per_channel"])):
     out[f"{prefix}/kl_channel_{c}"] = kl
+    out[f"{prefix}/latent_mean_channel_{c}"] = mean
     out[f"{prefix}/latent_std_channel_{c}"] = std
   return out
 
@@ -88,8 +101,8 @@ def publish(writer: Any, step: int, result: dict[str, Any], grids: dict[str, np.
     files[name] = str(epath.Path(png_dir) / f"{name}_{step:08d}.png")
     if is_chief:
       write_png(files[name], grid)
-  logging.info("%s at step %d: %s, L1 %.4f, latent std %.4g", what, step, table_line(result),
-               result["l1"], result["latent_std"])
+  logging.info("%s at step %d: %s, L1 %.4f, %s", what, step, table_line(result), result["l1"],
+               latent_line(result))
   return files
 
 

@@ -233,12 +233,17 @@ class Encoder(nnx.Module):
     self.dtype = cfg.dtype
     self.remat = cfg.remat == "level"
 
-  def __call__(self, x: Array, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
+  def features(self, x: Array, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> Array:
+    """The activations that enter `conv_out` (after the last GN and SiLU)."""
     h = self.conv_in(x.astype(self.dtype))
     for block in self.down_blocks:
       h = _run(block, h, self.remat, deterministic, rngs)
     h = _run(self.mid_block, h, self.remat, deterministic, rngs)
-    return self.conv_out(nnx.silu(self.conv_norm_out(h)))
+    return nnx.silu(self.conv_norm_out(h))
+
+  def __call__(self, x: Array, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
+    return self.conv_out(self.features(x, deterministic, rngs))
 
 
 class Decoder(nnx.Module):
@@ -338,7 +343,10 @@ class AutoencoderKL(nnx.Module):
   def encode(self, x: Array, deterministic: bool = True,
              rngs: nnx.Rngs | None = None) -> DiagonalGaussian:
     """Images [B, H, W, 3] in [-1, 1] -> posterior over latents [B, H/f, W/f, z_channels]."""
-    moments = self.encoder(x, deterministic, rngs)
+    return self.posterior(self.encoder(x, deterministic, rngs))
+
+  def posterior(self, moments: Array) -> DiagonalGaussian:
+    """q(z|x) from the encoder's output (its conv_out's) [B, h, w, 2 * z_channels or z_channels]."""
     if self.quant_conv is None:
       # Without double_z the encoder predicts only the mean: a deterministic autoencoder.
       return DiagonalGaussian(jnp.concatenate([moments, jnp.full_like(moments, -30.0)], -1))

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors.numpy
 from etils import epath
 
+from vae_scale.errors import ConfigError
 from vae_scale.errors import ConversionError
 from vae_scale.interop.safetensors_io import PICKLE_SUFFIXES
 from vae_scale.models import dinov2
@@ -197,3 +198,24 @@ def load_dinov2_params(path: str) -> tuple[dict[str, np.ndarray], Dinov2Config]:
   check_tensors(tensors, dinov2.dinov2_shapes(cfg), path, "vae_scale's DINOv2 weights",
                 f"make it with: {command}")
   return tensors, cfg
+
+
+def load_vf_dinov2(config: Any) -> tuple[dict[str, np.ndarray], Dinov2Config] | None:
+  """The DINOv2 of a run's VF loss (config.loss.vf_weights), checked against the config's width;
+  None when the loss has no VF term (loss.vf_weight 0).
+
+  Raises:
+    ConversionError: as `load_dinov2_params`.
+    ConfigError: the file's width is not config.loss.vf_feature_dim (one line naming both).
+  """
+  loss = config.loss
+  if loss.vf_weight <= 0:
+    return None
+  params, cfg = load_dinov2_params(loss.vf_weights)
+  if cfg.hidden_size != loss.vf_feature_dim:
+    raise ConfigError(
+        f"config.loss.vf_weights: {loss.vf_weights} holds a DINOv2 of width {cfg.hidden_size} "
+        f"({cfg.num_layers} layers), but config.loss.vf_feature_dim is {loss.vf_feature_dim} "
+        f"(the VF projection's width): pass --config.loss.vf_feature_dim={cfg.hidden_size}, or "
+        f"convert the DINOv2 of width {loss.vf_feature_dim}")
+  return params, cfg

@@ -294,3 +294,12 @@ def read_params(workdir: str, model_cfg: models.AutoencoderConfig, *,
                             abstract)
   got, step = read_state(workdir, step, keys=(key,), targets={key: abstract})
   return got[key], step, "ema" if key == "ema_params" else "params"
+
+
+def read_projection(workdir: str, step: int | str | None = None) -> np.ndarray | None:
+  """The VF loss's projection [z_channels, D] stored in a run's checkpoint (latest by default),
+  or None when that run has none (its loss had no VF term). Never part of the exported weights."""
+  d, step = resolve_step(workdir, step)
+  if stored_tree(d, step).get("vf_proj") is None:
+    return None
+  return read_state(workdir, step, keys=("vf_proj",))[0]["vf_proj"]

@@ -29,6 +29,7 @@ from vae_scale.eval import evaluator
 from vae_scale.eval import report
 from vae_scale.interop import weights
 from vae_scale.models import frozen_weights
+from vae_scale.run import checkpoints
 from vae_scale.run import faults
 from vae_scale.run import preemption
 from vae_scale.run import resume
@@ -48,6 +49,27 @@ def _frozen(config: ml_collections.ConfigDict, model_cfg: models.AutoencoderConf
     return None
   return jax.tree.map(lambda t: not t, optim.trainable_mask(models.abstract_params(model_cfg),
                                                             True))
+
+
+def _init_projection(config: ml_collections.ConfigDict) -> np.ndarray | None:
+  """The VF projection a fresh run starts from: an init_from run's (stage 2 from stage 1), when
+  its shape fits [z_channels, vf_feature_dim]; None (a fresh one) otherwise, said so."""
+  if config.loss.vf_weight <= 0 or not config.init_from or (
+      weights.describe_source(config.init_from) != "run"):
+    return None
+  proj = checkpoints.read_projection(config.init_from)
+  want = (config.model.z_channels, config.loss.vf_feature_dim)
+  if proj is None or tuple(proj.shape) != want:
+    logging.info("The VF projection starts fresh: %s has %s", config.init_from,
+                 "none" if proj is None else f"one of shape {list(proj.shape)}, not {list(want)}")
+    return None
+  logging.info("The VF projection continues from %s", config.init_from)
+  return proj
+
+
+def _host_rng(state: train_state.TrainState) -> np.ndarray:
+  """TrainState.rng on this host (replicated: any local shard holds it, on any process count)."""
+  return np.asarray(state.rng.addressable_shards[0].data)
 
 
 class TrainMetrics:
@@ -113,14 +135,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   model_cfg = models.AutoencoderConfig.from_config(config)
   init_params = weights.load_params(config.init_from, model_cfg) if config.init_from else None
   nets = frozen_weights.load_feature_nets(config.loss.lpips_weights, config.inception_weights)
+  dinov2 = frozen_weights.load_vf_dinov2(config)  # The VF loss's (None without it).
   progs = programs.build(config, mesh, frozen=_frozen(config, model_cfg),
-                         lpips_params=nets.get("lpips"))
+                         lpips_params=nets.get("lpips"), dinov2=dinov2)
 
   session.begin()  # Everything checked: from here on the run writes into its workdir.
   restored = session.restore(abstract_state=progs.abstract_state, replicated=progs.replicated,
                              data_source=repr(train_source))
   state = resume.state_from(restored, progs.abstract_state, progs.init, init_params=init_params,
-                            replicated=progs.replicated)
+                            replicated=progs.replicated,
+                            init_vf_proj=_init_projection(config) if restored is None else None)
+  state_rng = _host_rng(state)  # Constant over the run: the host's draw of EQ-VAE's views.
   if restored is None and init_params is not None:
     logging.info("Initialized the autoencoder from %s", config.init_from)
   position = resume.data_position(restored, config, repr(train_source))
@@ -158,7 +183,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   progress, hooks = progress_hooks(start_step)
   scorer = evaluator.Evaluator(config, mesh, kinds=("reconstructions",),
                                lpips_params=nets.get("lpips"),
-                               inception_params=nets.get("inception"))
+                               inception_params=nets.get("inception"), dinov2=dinov2)
   train_metrics = TrainMetrics(config, start_step)
 
   def evaluate(step: int) -> None:
@@ -167,7 +192,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     write_images = step % config.image_every_steps == 0 or last
     params = state.ema_params if state.ema_params is not None else state.params
     with session.phase("eval"), progress.timed("eval"):
-      result, grids = scorer(params, eval_ds, processes)
+      result, grids = scorer(params, eval_ds, processes, vf_proj=state.vf_proj)
     session.note_eval(step, report.scalars(result, "eval"))
     files = report.publish(writer, step, result,
                            {"reconstructions": grids["reconstructions"]} if write_images else {},
@@ -193,7 +218,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     step = start_step
     while step < config.num_train_steps:
       # As taming-transformers: adversarial from the step whose 0-based index is disc.start_step.
-      variant = "gan" if progs.gan_step is not None and step >= config.disc.start_step else "ae"
+      variant, program = progs.step_at(
+          step, progs.gan_step is not None and step >= config.disc.start_step, state_rng)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         with session.phase("data"):
           local = next(train_iter)
@@ -201,14 +227,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
           local = corrupt(local, position.at(step), position.at(step + 1))
         batch = sharding.global_batch(
             {k: v for k, v in local.items() if k != skipping.SKIPPED_KEY}, mesh)
-        state, metrics = session.run_step(
-            variant, progs.gan_step if variant == "gan" else progs.ae_step, state, batch,
-            session.lr_scale(step))
+        state, metrics = session.run_step(variant, program, state, batch,
+                                          session.lr_scale(step))
       train_metrics.add(metrics, local)
       step += 1
       rolled = session.after_step(step, state, position)
       if rolled is not None:  # The guard rolled back: that checkpoint, and the data past the window.
         state = resume.state_from(rolled, progs.abstract_state, progs.init)
+        state_rng = _host_rng(state)
         position = resume.data_position(rolled, config, repr(train_source))
         getattr(train_iter, "close", lambda: None)()  # Grain's worker processes of the old stream.
         train_iter, step = stream(position), position.step

@@ -15,6 +15,9 @@ a change of each field means is the `resume` column of `config.schema.FIELDS`; t
   disc          disc.enabled switched: discriminator and optimizer start fresh / their state is
                 dropped from new checkpoints (older ones keep it).
   freeze        freeze_encoder switched: the encoder side's Adam moments reset, the decoder's stay.
+  vf            loss.vf_weight switched between 0 and > 0: the VF loss's 1x1 projection and its Adam
+                moments start fresh / are dropped from new checkpoints (older ones keep them); a
+                new loss.vf_feature_dim (another DINOv2 width) starts them fresh too.
   data          the train stream reads something else (source, path, tfds name/split/key, a folder's
                 held-out split, synthetic size, seed): the model continues,
                 the stream restarts from its beginning.
@@ -45,7 +48,7 @@ from vae_scale.errors import ConfigError
 from vae_scale.run import resume_log
 from vae_scale.training import optim
 
-KINDS = ("architecture", "ema", "disc", "freeze", "data", "continue")
+KINDS = ("architecture", "ema", "disc", "freeze", "vf", "data", "continue")
 LR_JUMP = 0.01  # Relative change of the learning rate at the resume step that is warned about.
 LDM_BASE_LEARNING_RATE = 4.5e-6  # LDM: learning rate = this x global batch (configs/pods.py).
 
@@ -173,6 +176,8 @@ def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
       return "ema", ("EMA turned on; the average starts from the restored parameters" if new > 0
                      else f"EMA turned off; the average {dropped}"), False
     return "continue", "EMA decay changed; the average continues", False
+  if kind == "vf":
+    return _vf_change(field, old, new, o, n)
   if kind == "freeze":
     side = " and ".join(optim.ENCODER_SIDE)
     return "freeze", (f"encoder frozen: {side} stop training and their Adam moments are reset"
@@ -210,6 +215,23 @@ def _classify(field: str, old: Any, new: Any, o: dict[str, Any],
   if kind == "compute":
     return "continue", "computation only; the parameters are unchanged", False
   return "continue", "same state; training continues", False
+
+
+def _vf_change(field: str, old: Any, new: Any, o: dict[str, Any], n: dict[str, Any]
+               ) -> tuple[str, str, bool]:
+  """(kind, note, warn) of a changed loss.vf_weight or loss.vf_feature_dim."""
+  was, now = o.get("loss.vf_weight", 0) > 0, n.get("loss.vf_weight", 0) > 0
+  if field == "loss.vf_weight":
+    if was != now:
+      return "vf", ("VF loss turned on; its 1x1 projection and Adam moments start fresh" if now
+                    else "VF loss turned off; its projection is dropped from new checkpoints "
+                    "(older checkpoints keep it)"), False
+    return ("continue", "the VF weight changes (as between VA-VAE's stages); the projection "
+            "continues", False)
+  if was and now:
+    return "vf", (f"the projection now maps to DINOv2's width {new}: it and its Adam moments "
+                  "start fresh"), True
+  return "continue", "no effect with the VF loss off", False
 
 
 def diff(old: dict[str, Any], new: ml_collections.ConfigDict | dict[str, Any]) -> list[Change]:

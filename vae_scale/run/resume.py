@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -136,7 +137,7 @@ def restore_at(manager: ocp.CheckpointManager, step: int, *, config: ml_collecti
 
 
 def state_from(restored: Restored | None, abstract_state: Any, init: Callable[[], Any], *,
-               init_params: Any = None, replicated: Any = None) -> Any:
+               init_params: Any = None, replicated: Any = None, init_vf_proj: Any = None) -> Any:
   """The state to train: the restored one carried over onto what the config builds (fresh parts
   from `init`, Adam moments reset where `freeze_encoder` switched), or a fresh one.
 
@@ -146,6 +147,8 @@ def state_from(restored: Restored | None, abstract_state: Any, init: Callable[[]
     init: builds a fresh, sharded state (jitted).
     init_params: autoencoder params a fresh run starts from (config.init_from), or None.
     replicated: their sharding.
+    init_vf_proj: the VF projection a fresh run starts from (from an init_from run whose loss had
+      the VF term, as LightningDiT's next stage starts from the last one's), or None.
   """
   if restored is not None:
     return state_tree.reset_moments(state_tree.graft(abstract_state, restored.state, init),
@@ -155,6 +158,9 @@ def state_from(restored: Restored | None, abstract_state: Any, init: Callable[[]
     params = jax.device_put(init_params, replicated)
     state = state.replace(params=params, ema_params=(
         jax.tree.map(jax.numpy.copy, params) if state.ema_params is not None else None))
+  if init_vf_proj is not None and state.vf_proj is not None:
+    state = state.replace(vf_proj=jax.device_put(
+        np.asarray(init_vf_proj, np.float32), replicated))
   return state
 
 

@@ -60,11 +60,17 @@ def log_difference(step: int, stored: dict, wanted: dict) -> None:
 
 
 def graft(abstract: Any, restored: Any, fresh: Callable[[], Any]) -> Any:
-  """The state the current config builds, every leaf taken from `restored` where it has it; the
-  rest from a fresh init (or, for a new EMA, from the restored parameters)."""
-  got = flat(restored)
+  """The state the current config builds, every leaf taken from `restored` where it has it (with
+  the same shape); the rest from a fresh init (or, for a new EMA, from the restored parameters).
+
+  A stored leaf of another shape is only possible outside the autoencoder's parameters (those are
+  refused before): the VF projection and its Adam moments after a new loss.vf_feature_dim.
+  """
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   names = ["/".join(_key(k) for k in path) for path, _ in leaves_with_path]
+  shapes = {n: tuple(leaf.shape) for n, (_, leaf) in zip(names, leaves_with_path)}
+  got = {n: v for n, v in flat(restored).items() if n not in shapes or
+         tuple(v.shape) == shapes[n]}
   fresh_leaves = flat(fresh()) if any(n not in got for n in names) else {}
   out = []
   for name in names:

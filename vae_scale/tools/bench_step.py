@@ -80,7 +80,8 @@ def lower_step(config: ml_collections.ConfigDict, variant: str, global_batch: in
   nets = frozen_weights.load_feature_nets(
       lpips_weights=config.loss.lpips_weights if config.loss.perceptual_weight > 0 else "")
   progs = programs.build(config, mesh, with_disc=config.disc.enabled or variant == "gan",
-                         lpips_params=nets.get("lpips"))
+                         lpips_params=nets.get("lpips"),
+                         dinov2=frozen_weights.load_vf_dinov2(config))
   step = progs.gan_step if variant == "gan" else progs.ae_step
   size = config.image_size
   images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32, sharding=progs.batch_sharding)

@@ -2,14 +2,18 @@ r"""Evaluates a trained autoencoder on the held-out set: numbers, TensorBoard an
 
   python -m vae_scale.evaluate --config=configs/ldm_f8.py --workdir=RUN [--step=N|best] \
       [--output_dir=RUN/eval] [--num_images=N] [--weights=auto|ema|params] [--params=PATH] \
-      [--inception_weights=inception.safetensors] [--lpips_weights=lpips_vgg.safetensors]
+      [--inception_weights=inception.safetensors] [--lpips_weights=lpips_vgg.safetensors] \
+      [--dinov2_weights=dinov2.safetensors]
 
 Over `num_eval_images` center crops of the eval split: PSNR and SSIM (mean and std over images),
-mean L1, KL per latent channel, and the latent mean/std (overall and per channel; 1/std is the
-scale factor a diffusion model would use); with --lpips_weights (default config.loss.lpips_weights)
-LPIPS-VGG, and with --inception_weights (default config.inception_weights) rFID between the images
-and their reconstructions (pytorch-fid's Inception pool3 features, Frechet distance in float64).
-Make the weight files once with `python -m vae_scale.convert lpips|inception`. Written to
+mean L1, KL per latent channel, the latent mean/std (overall and per channel; 1/std is the
+scale factor a diffusion model would use) and the share of the latent's spectral energy above half
+its Nyquist frequency; with --lpips_weights (default config.loss.lpips_weights) LPIPS-VGG, with
+--inception_weights (default config.inception_weights) rFID between the images and their
+reconstructions (pytorch-fid's Inception pool3 features, Frechet distance in float64), and with
+--dinov2_weights (default config.loss.vf_weights) for a run trained with the VF loss, the mean
+cosine between its projected latents and DINOv2's patch features. Make the weight files once with
+`python -m vae_scale.convert lpips|inception|dinov2`. Written to
 `eval_{step:08d}.json` and TensorBoard (`evaluate/*`) in the output directory, with PNG grids of
 reconstructions, of decodes of latents drawn from the prior N(0, I), and of latent interpolations
 between pairs of images; a progress line with an ETA is logged every --log_every_batches batches,
@@ -36,12 +40,14 @@ from vae_scale.training import sharding
 from vae_scale.data import pipeline
 from vae_scale.models import frozen_weights
 from vae_scale.interop import weights as weights_lib
+from vae_scale.run import checkpoints
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None, *, step: int | None = None,
         output_dir: str | None = None, weights: str = "auto", params_path: str | None = None,
         num_images: int | None = None, lpips_weights: str | None = None,
-        inception_weights: str | None = None, log_every_batches: int = 0) -> dict[str, Any]:
+        inception_weights: str | None = None, dinov2_weights: str | None = None,
+        log_every_batches: int = 0) -> dict[str, Any]:
   """Evaluates a run's checkpoint (or weights at `params_path`) on `config`'s eval split.
 
   Every process calls it. Process 0 writes `eval_{step:08d}.json` and PNG grids into
@@ -52,6 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *, step: int | N
       '': none.
     inception_weights: pytorch-fid Inception safetensors for `rfid`; None: config.inception_weights;
       '': none.
+    dinov2_weights: DINOv2 safetensors for `vf_cosine` (a run with a VF projection); None:
+      config.loss.vf_weights; '': none.
     log_every_batches: progress line every this many batches (0: none).
   Returns:
     The metrics of `evaluator.Evaluator` and step, weights, image_size, files.
@@ -71,13 +79,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | None, *, step: int | N
   nets = frozen_weights.load_feature_nets(
       lpips_weights=config.loss.lpips_weights if lpips_weights is None else lpips_weights,
       inception_weights=config.inception_weights if inception_weights is None else inception_weights)
+  dinov2_weights = config.loss.vf_weights if dinov2_weights is None else dinov2_weights
+  dinov2 = frozen_weights.load_dinov2_params(dinov2_weights) if dinov2_weights else None
   params, step, which = weights_lib.load_weights(
       config, workdir, params_path, step, weights, sharding.replicated(mesh))
+  # The VF projection is the run's (imported weights have none): no projection, no cosine.
+  vf_proj = (checkpoints.read_projection(workdir, step) if dinov2 is not None and workdir and
+             not params_path else None)
   output_dir = epath.Path(output_dir or epath.Path(workdir) / "eval")
   evaluator_ = evaluator.Evaluator(config, mesh, lpips_params=nets.get("lpips"),
-                                   inception_params=nets.get("inception"),
+                                   inception_params=nets.get("inception"), dinov2=dinov2,
                                    log_every_batches=log_every_batches)
-  metrics, grids = evaluator_(params, eval_ds, pc)
+  metrics, grids = evaluator_(params, eval_ds, pc, vf_proj=vf_proj)
   result: dict[str, Any] = {"step": int(step), "weights": which,
                             "image_size": config.image_size, **metrics}
   writer = metric_writers.create_default_writer(str(output_dir), just_logging=pi > 0)
@@ -113,6 +126,10 @@ def define_flags() -> dict[str, Any]:
       "lpips_weights": f.DEFINE_string(
           "lpips_weights", None, "LPIPS-VGG weights (safetensors, from `python -m "
           "vae_scale.convert lpips`) for LPIPS (default: config.loss.lpips_weights; '' = none)."),
+      "dinov2_weights": f.DEFINE_string(
+          "dinov2_weights", None, "DINOv2 weights (safetensors, from `python -m vae_scale.convert "
+          "dinov2`) for the VF cosine of a run trained with the VF loss (default: "
+          "config.loss.vf_weights; '' = none)."),
       "log_every_batches": f.DEFINE_integer(
           "log_every_batches", 10, "Log progress (batches done/total, images/s, ETA) every this "
           "many batches; 0 = never."),
@@ -134,6 +151,7 @@ def main(argv: list[str], fl: dict[str, Any]) -> int:
   result = run(v["config"], v["workdir"], step=v["step"], output_dir=v["output_dir"],
                weights=v["weights"], params_path=v["params"], num_images=v["num_images"],
                lpips_weights=v["lpips_weights"], inception_weights=v["inception_weights"],
+               dinov2_weights=v["dinov2_weights"],
                log_every_batches=v["log_every_batches"])
   if jax.process_index() == 0:
     print(f"step {result['step']} ({result['weights']} weights): {report.table_line(result)}")

@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vae_scale.errors import ConfigError
+from vae_scale.config import diffusability_rules
 from vae_scale.models import resample
 
 Array = jax.Array
@@ -52,6 +52,15 @@ class EquivarianceConfig:
   scales: tuple[float, ...] = EQ_VAE_SCALES
   rotations: tuple[int, ...] = EQ_VAE_ROTATIONS
 
+  @classmethod
+  def from_config(cls, config: Any) -> "EquivarianceConfig":
+    """From a run config's loss.equivariance_{prob, low_res_prob, scales, rotations}."""
+    loss = config.loss
+    return cls(prob=float(loss.equivariance_prob),
+               low_res_prob=float(loss.equivariance_low_res_prob),
+               scales=tuple(float(s) for s in loss.equivariance_scales),
+               rotations=tuple(int(k) for k in loss.equivariance_rotations))
+
 
 class Transform(NamedTuple):
   """One step's draw (int32 scalars, a pytree).
@@ -69,31 +78,15 @@ class Transform(NamedTuple):
 
 def check_config(cfg: EquivarianceConfig, latent_size: int, field: str = "loss.equivariance"
                  ) -> None:
-  """One ConfigError line for a transform set the latent cannot take, before anything compiles.
+  """One ConfigError line for a transform set the latent cannot take, before anything compiles
+  (`config.diffusability_rules.check_transforms`, which `config.schema.validate` runs).
 
   Args:
     cfg: the transform distribution.
     latent_size: the latent's side (image_size / the autoencoder's downsampling factor).
     field: the config field prefix for messages.
   """
-  def fail(name: str, rule: str) -> None:
-    raise ConfigError(f"config.{field}_{name}: {rule}")
-
-  for name, p in (("prob", cfg.prob), ("low_res_prob", cfg.low_res_prob)):
-    if not 0.0 <= p <= 1.0:
-      fail(name, f"{p} is not a probability in [0, 1]")
-  if not cfg.scales:
-    fail("scales", "empty; give at least one down-scaling factor, e.g. (0.25, 0.5, 0.75)")
-  step = max(1, latent_size // 4)
-  examples = ", ".join(f"{k / latent_size:g}" for k in range(step, latent_size + 1, step))
-  for s in cfg.scales:
-    size = s * latent_size
-    if not 0.0 < s <= 1.0 or abs(size - round(size)) > 1e-9:
-      fail("scales", f"{s} does not map the {latent_size}x{latent_size} latent to whole pixels "
-           f"({s} x {latent_size} = {size:g}); use k/{latent_size} for k = 1 ... {latent_size}, "
-           f"e.g. {examples}")
-  if not cfg.rotations or any(k not in (0, 1, 2, 3) for k in cfg.rotations):
-    fail("rotations", f"{cfg.rotations} must be a non-empty subset of quarter turns (0, 1, 2, 3)")
+  diffusability_rules.check_transforms(cfg, latent_size, field)
 
 
 def sample_transform(key: Array, cfg: EquivarianceConfig) -> Transform:
@@ -141,7 +134,10 @@ def rotate(x: Array, k: Array | int) -> Array:
     return jnp.rot90(x, k, axes=(2, 1))
   if x.shape[1] != x.shape[2]:
     raise ValueError(f"a traced rotation needs square images or latents, not {x.shape[1:3]}")
-  return jax.lax.switch(k, [lambda x, q=q: jnp.rot90(x, q, axes=(2, 1)) for q in range(4)], x)
+  turns = [jnp.rot90(x, q, axes=(2, 1)) for q in range(4)]
+  # A select rather than lax.switch: XLA:CPU runs the ops of a conditional's branches many times
+  # slower than the same ops outside one (BENCHMARKS.md); four turned copies are cheap.
+  return jnp.select([k == q for q in range(4)], turns)
 
 
 def transform_pair(z: Array, x: Array, scale: float, k: Array | int) -> tuple[Array, Array]:
@@ -154,6 +150,57 @@ def transform_pair(z: Array, x: Array, scale: float, k: Array | int) -> tuple[Ar
     k: quarter turns (static or traced).
   """
   return rotate(downscale(z, scale), k), rotate(downscale(x, scale), k)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """How a train step sees its batch: static, so each view is its own compiled step.
+
+  Attributes:
+    kind: PLAIN, EQUIVARIANT (decode tau(z), reconstruct tau(x)) or LOW_RES (the image
+      down-scaled before encoding, then reconstructed).
+    scale: the down-scaling factor of EQUIVARIANT and LOW_RES views (1 for PLAIN).
+  """
+
+  kind: int = PLAIN
+  scale: float = 1.0
+
+  @property
+  def name(self) -> str:
+    """'plain', 'tau0.5', 'low0.25', ...: the step variant's name."""
+    return {PLAIN: "plain", EQUIVARIANT: f"tau{self.scale:g}",
+            LOW_RES: f"low{self.scale:g}"}[self.kind]
+
+  def input(self, x: Array) -> Array:
+    """The images the encoder sees: [B, H, W, 3], or for LOW_RES [B, sH, sW, 3]."""
+    return downscale(x, self.scale) if self.kind == LOW_RES else x
+
+  def pair(self, z: Array, x: Array, rotation: Array | int) -> tuple[Array, Array]:
+    """(latents to decode, images to reconstruct): (tau(z), tau(x)) for EQUIVARIANT, else (z, x)."""
+    if self.kind == EQUIVARIANT:
+      return transform_pair(z, x, self.scale, rotation)
+    return z, x
+
+  def metrics(self) -> dict[str, Array]:
+    """The step's EQ metrics (1 or 0: their means over steps are the shares of each kind)."""
+    one = lambda b: jnp.asarray(1.0 if b else 0.0, jnp.float32)
+    return {"eq_tau_steps": one(self.kind == EQUIVARIANT),
+            "eq_low_res_steps": one(self.kind == LOW_RES)}
+
+
+PLAIN_VIEW = View()
+
+
+def views(cfg: EquivarianceConfig) -> list[View]:
+  """Every view of a run: plain, a tau view per scale, a low-resolution view per scale."""
+  return ([PLAIN_VIEW] + [View(EQUIVARIANT, s) for s in cfg.scales] +
+          [View(LOW_RES, s) for s in cfg.scales])
+
+
+def view_of(t: Transform, cfg: EquivarianceConfig) -> View:
+  """The view a concrete draw (host values) picks."""
+  mode, index = int(t.mode), int(t.scale_index)
+  return PLAIN_VIEW if mode == PLAIN else View(mode, cfg.scales[index])
 
 
 def switch_on_scale(t: Transform, cfg: EquivarianceConfig,

@@ -15,6 +15,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from vae_scale.models.dinov2 import Dinov2Config
+from vae_scale.training import diffusability
+from vae_scale.training import equivariance
 from vae_scale.training import sharding
 from vae_scale.training import steps
 from vae_scale.training import train_state
@@ -32,8 +35,11 @@ class TrainPrograms:
     batch_sharding: the images' sharding, batch axis split over the mesh.
     init: () -> a fresh TrainState, born sharded (jitted; root key from config.seed).
     ae_step: (state, {'image': [B, H, W, 3]}) -> (state, metrics), the discriminator not run
-      (a `Bound` step: the frozen LPIPS params ride along as an argument).
+      (a `Bound` step: the frozen LPIPS and DINOv2 params ride along as arguments).
     gan_step: the same with the adversarial term, or None when the run has no discriminator.
+    view_steps: with EQ-VAE's term, {(adversarial, view): step} for every view of the run
+      (`equivariance.views`; the plain view's are ae_step and gan_step); else empty. Each is
+      compiled when first called.
   """
 
   step_cfg: train_state.StepConfig
@@ -44,52 +50,71 @@ class TrainPrograms:
   init: Callable[[], train_state.TrainState]
   ae_step: Any
   gan_step: Any
+  view_steps: dict[tuple[bool, equivariance.View], Bound] = dataclasses.field(
+      default_factory=dict)
+
+  def step_at(self, step: int, adversarial: bool, rng: np.ndarray) -> tuple[str, Bound]:
+    """(variant name, program) of train step `step`: 'ae' or 'gan', and with EQ-VAE's term the
+    view that step's key draws ('ae:tau0.5', ...; `diffusability.view_at`).
+
+    Args:
+      step: the step's index (TrainState.step before it).
+      adversarial: the discriminator runs (step >= disc.start_step).
+      rng: TrainState.rng on the host (uint32 [2]; constant over a run).
+    """
+    name = "gan" if adversarial else "ae"
+    if not self.view_steps:
+      return name, self.gan_step if adversarial else self.ae_step
+    view = diffusability.view_at(self.step_cfg.equivariance, rng, step)
+    return f"{name}:{view.name}", self.view_steps[(adversarial, view)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-  """A jitted `(state, batch, lpips_params, lr_scale)` step, or its Lowered / Compiled stage, with
-  the frozen LPIPS params bound: called as `(state, batch[, lr_scale])` and lowered as
-  `(state, batch)`, like a step without them.
+  """A jitted `(state, batch, lpips_params, lr_scale, dinov2_params)` step, or its Lowered /
+  Compiled stage, with the frozen networks' params bound: called as `(state, batch[, lr_scale])`
+  and lowered as `(state, batch)`, like a step without them.
 
-  The params are a replicated jit argument, not a constant closed over (which XLA would embed in
+  The params are replicated jit arguments, not constants closed over (which XLA would embed in
   the program) and not state (they are never trained or checkpointed). Other attributes
   (cost_analysis, memory_analysis, as_text) are the stage's.
   """
 
   stage: Any
   lpips_params: Any = None
+  dinov2_params: Any = None
 
   def __call__(self, state: Any, batch: Any, lr_scale: float = 1.0) -> Any:
-    return self.stage(state, batch, self.lpips_params, np.float32(lr_scale))
+    return self.stage(state, batch, self.lpips_params, np.float32(lr_scale), self.dinov2_params)
 
   def lower(self, state: Any, batch: Any) -> "Bound":
-    return Bound(self.stage.lower(state, batch, self.lpips_params, np.float32(1.0)),
-                 self.lpips_params)
+    return Bound(self.stage.lower(state, batch, self.lpips_params, np.float32(1.0),
+                                  self.dinov2_params), self.lpips_params, self.dinov2_params)
 
   def compile(self) -> "Bound":
-    return Bound(self.stage.compile(), self.lpips_params)
+    return Bound(self.stage.compile(), self.lpips_params, self.dinov2_params)
 
   def __getattr__(self, name: str) -> Any:
-    if name in ("stage", "lpips_params"):  # Not set yet (copy, unpickle): no recursion.
+    if name in ("stage", "lpips_params", "dinov2_params"):  # Not set yet (copy, unpickle).
       raise AttributeError(name)
     return getattr(self.stage, name)
 
 
 def jit_train_step(step_cfg: train_state.StepConfig, state_sharding: Any, mesh: Mesh,
-                   lpips_params: Any = None) -> Bound:
-  """`steps.train_step` bound to `step_cfg` and `lpips_params` (replicated on `mesh`, or None),
-  jitted with shardings, the state donated."""
+                   lpips_params: Any = None, dinov2_params: Any = None) -> Bound:
+  """`steps.train_step` bound to `step_cfg`, `lpips_params` and `dinov2_params` (replicated on
+  `mesh`, or None), jitted with shardings, the state donated."""
   repl = sharding.replicated(mesh)
   jitted = jax.jit(functools.partial(steps.train_step, cfg=step_cfg),
                    in_shardings=(state_sharding, {"image": sharding.batch_sharding(mesh)}, repl,
-                                 repl),
+                                 repl, repl),
                    out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  return Bound(jitted, lpips_params)
+  return Bound(jitted, lpips_params, dinov2_params)
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
-          with_disc: bool | None = None, lpips_params: Any = None) -> TrainPrograms:
+          with_disc: bool | None = None, lpips_params: Any = None,
+          dinov2: tuple[Any, Dinov2Config] | None = None) -> TrainPrograms:
   """The programs of `config` over `mesh` (nothing is compiled until first use).
 
   Args:
@@ -99,12 +124,21 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
     with_disc: carry the discriminator (default: config.disc.enabled); the GAN step needs it.
     lpips_params: LPIPS-VGG params (`frozen_weights.load_feature_nets(...)['lpips']`), needed
       by a loss with loss.perceptual_weight > 0 and ignored otherwise.
+    dinov2: (params, architecture) of DINOv2 (`frozen_weights.load_vf_dinov2(config)`), needed
+      by a loss with loss.vf_weight > 0 and ignored otherwise.
   Raises:
-    ValueError: loss.perceptual_weight > 0 without `lpips_params` (a caller's mistake: the run
-      loads them before anything compiles).
+    ValueError: loss.perceptual_weight > 0 without `lpips_params`, or loss.vf_weight > 0 without
+      `dinov2` (a caller's mistake: the run loads them before anything compiles).
   """
   with_disc = config.disc.enabled if with_disc is None else with_disc
-  step_cfg, init_fn = train_state.build(config, frozen=frozen, with_disc=with_disc)
+  dinov2_params = dinov2_cfg = None
+  if config.loss.vf_weight > 0:
+    if dinov2 is None:
+      raise ValueError("loss.vf_weight > 0: pass dinov2=frozen_weights.load_vf_dinov2(config)")
+    dinov2_params = jax.device_put(dinov2[0], sharding.replicated(mesh))
+    dinov2_cfg = dinov2[1]
+  step_cfg, init_fn = train_state.build(config, frozen=frozen, with_disc=with_disc,
+                                        dinov2_cfg=dinov2_cfg)
   if config.loss.perceptual_weight > 0:
     if lpips_params is None:
       raise ValueError("loss.perceptual_weight > 0: pass the LPIPS params (frozen_weights."
@@ -118,11 +152,20 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
   init = jax.jit(functools.partial(init_fn, root_key), out_shardings=state_sharding)
   # Two variants, each compiled on first use: before disc.start_step the discriminator is not run
   # at all (disc_factor is 0 there, so it would contribute nothing but cost).
-  ae_step = jit_train_step(step_cfg, state_sharding, mesh, lpips_params)
+  ae_step = jit_train_step(step_cfg, state_sharding, mesh, lpips_params, dinov2_params)
   gan_step = (jit_train_step(dataclasses.replace(step_cfg, adversarial=True), state_sharding, mesh,
-                             lpips_params) if with_disc else None)
+                             lpips_params, dinov2_params) if with_disc else None)
+  view_steps = {}
+  if step_cfg.equivariance is not None:  # One program per view: shapes differ between them.
+    for adversarial in (False, True) if with_disc else (False,):
+      for view in equivariance.views(step_cfg.equivariance):
+        view_steps[(adversarial, view)] = jit_train_step(
+            dataclasses.replace(step_cfg, adversarial=adversarial, view=view), state_sharding,
+            mesh, lpips_params, dinov2_params)
+    ae_step = view_steps[(False, equivariance.PLAIN_VIEW)]
+    gan_step = view_steps.get((True, equivariance.PLAIN_VIEW))
   return TrainPrograms(step_cfg=step_cfg,
                        abstract_state=sharding.with_shardings(abstract, state_sharding),
                        state_sharding=state_sharding, replicated=sharding.replicated(mesh),
                        batch_sharding=sharding.batch_sharding(mesh), init=init, ae_step=ae_step,
-                       gan_step=gan_step)
+                       gan_step=gan_step, view_steps=view_steps)

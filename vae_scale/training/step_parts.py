@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from vae_scale.models import lpips
+from vae_scale.training import equivariance
 from vae_scale.training import losses
 from vae_scale.training import train_state
 from vae_scale.training.train_state import StepConfig
@@ -66,6 +67,26 @@ def reconstruction_fn(cfg: StepConfig, x: Array, lpips_params: Any = None
                            reduction=cfg.reduction)
 
 
+def split_trainable(state: TrainState, tree: Any) -> tuple[Any, Any]:
+  """(params, vf_proj) of a tree shaped like `state.trainable()` (vf_proj None without VF)."""
+  new = state.with_trainable(tree)
+  return new.params, new.vf_proj
+
+
+def rec_and_kl(cfg: StepConfig, rec_fn: Callable[[Array], tuple[Array, dict[str, Array]]],
+               fwd: Any, kl_weight: Array, view: equivariance.View
+               ) -> tuple[Array, dict[str, Array]]:
+  """The reconstruction term of a forward pass (`diffusability.Forward`) + the KL term.
+
+  In an EQ-VAE tau view the reconstruction term is multiplied by cfg.equivariance_weight (the
+  reported `rec_loss` is the term before it); the KL is always that of q(z | the encoder's input).
+  """
+  rec, terms = rec_fn(fwd.recon)
+  if view.kind == equivariance.EQUIVARIANT and cfg.equivariance_weight != 1.0:
+    rec = rec * cfg.equivariance_weight
+  return losses.with_kl(rec, terms, fwd.post, kl_weight, cfg.reduction)
+
+
 def last_layer_grads(cfg: StepConfig, x: Array, h: Array, recon: Array, params: Any,
                      disc_params: Any, disc_stats: Any, lpips_params: Any = None
                      ) -> tuple[Array, Array]:
@@ -83,22 +104,23 @@ def last_layer_grads(cfg: StepConfig, x: Array, h: Array, recon: Array, params: 
 
 def apply_update(state: TrainState, grads: Any, cfg: StepConfig,
                  lr_scale: Array | None = None) -> tuple[TrainState, Any]:
-  """The optimizer step of the autoencoder (and its EMA) with `grads`; returns (state, opt_state).
+  """The optimizer step of the autoencoder (and its EMA) with `grads` (shaped like
+  `state.trainable()`: the VF projection trains with the params); returns (state, opt_state).
 
   `lr_scale` (a scalar, None = 1) multiplies the update: Adam's update is linear in the learning
   rate, so this scales the rate for the guard's cautious steps after a rollback without touching
   the optimizer state's structure.
   """
-  updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
+  trainable = state.trainable()
+  updates, opt_state = cfg.tx.update(grads, state.opt_state, trainable)
   if lr_scale is not None:
     updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
-  params = optax.apply_updates(state.params, updates)
+  new = state.with_trainable(optax.apply_updates(trainable, updates))
   ema_params = state.ema_params
   if ema_params is not None:
     # Skipped (non-finite) steps leave params unchanged, so the average stays finite too.
-    ema_params = optax.incremental_update(params, ema_params, step_size=1.0 - cfg.ema_decay)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                       ema_params=ema_params), opt_state
+    ema_params = optax.incremental_update(new.params, ema_params, step_size=1.0 - cfg.ema_decay)
+  return new.replace(step=state.step + 1, opt_state=opt_state, ema_params=ema_params), opt_state
 
 
 def discriminator_grads(cfg: StepConfig, disc_params: Any, disc_stats: Any, x: Array, recon: Array,
@@ -149,5 +171,7 @@ def collect_metrics(cfg: StepConfig, state: TrainState, loss: Array, grads: Any,
       loss=loss, grad_norm=optax.global_norm(grads), learning_rate=cfg.schedule(state.step) * (1.0 if lr_scale is None else lr_scale),
       nonfinite_skipped=1.0 - jnp.asarray(opt_state.last_finite, jnp.float32),
       disc_factor=disc_factor)
-  names = train_state.train_metric_names(cfg.z_channels, perceptual=cfg.perceptual_weight > 0)
+  names = train_state.train_metric_names(cfg.z_channels, perceptual=cfg.perceptual_weight > 0,
+                                         vf=cfg.vf is not None,
+                                         equivariant=cfg.equivariance is not None)
   return cfg.metrics_cls.single_from_model_output(**{n: outputs[n] for n in names})

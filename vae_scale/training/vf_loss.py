@@ -25,6 +25,7 @@ contperceptual.py, vavae/configs/f16d32_vfdinov2*.yaml):
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,13 @@ class VFLossConfig:
   cos_weight: float = 1.0
   distmat_weight: float = 1.0
   adaptive: bool = True
+
+  @classmethod
+  def from_config(cls, config: Any) -> "VFLossConfig":
+    """From a run config's loss.vf_{weight, margin_cos, margin_distmat, adaptive}."""
+    loss = config.loss
+    return cls(weight=float(loss.vf_weight), margin_cos=float(loss.vf_margin_cos),
+               margin_distmat=float(loss.vf_margin_distmat), adaptive=bool(loss.vf_adaptive))
 
 
 def init_projection(key: Array, z_channels: int, feature_dim: int) -> Array:
