@@ -11,7 +11,8 @@ from vae_scale.eval import report
 
 def _result(psnr):
   return {"psnr": psnr, "psnr_std": 1.0, "ssim": 0.5, "ssim_std": 0.1, "l1": 0.1, "lpips": None,
-          "kl_per_channel": [1.0], "latent_std_per_channel": [0.5], "latent_std": 0.5, "rfid": None,
+          "kl_per_channel": [1.0], "latent_mean_per_channel": [0.1],
+          "latent_std_per_channel": [0.5], "latent_std": 0.5, "rfid": None,
           "num_images": 8}
 
 
@@ -54,6 +55,7 @@ def test_publish_writes_scalars_grids_pngs_and_one_line(tmp_path, caplog):
   assert writer.scalars[12]["eval/psnr"] == 20.0
   assert writer.scalars[12]["eval/kl_channel_0"] == 1.0
   assert writer.scalars[12]["eval/latent_std_channel_0"] == 0.5
+  assert writer.scalars[12]["eval/latent_mean_channel_0"] == 0.1
   assert writer.images[12]["eval/reconstructions"].shape == (1, 8, 16, 3)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Eval at step 12")]
   assert len(lines) == 1 and "PSNR 20.00" in lines[0]
