@@ -1,12 +1,12 @@
 """cli: the one bootstrap of the command lines; the tools take a run's --workdir without --config."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from conftest import cpu_env
 from conftest import REPO
 from conftest import tiny_config
 from vae_scale import cli
@@ -15,8 +15,7 @@ from vae_scale.run import loop
 
 
 def _tool(module, *args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env()
   return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                         env=env, timeout=300, cwd=REPO)
 

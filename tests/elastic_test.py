@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_ENV = "VAE_SCALE_TEST_RECORD"  # The script's hook appends to $RECORD_p<process>.jsonl.
 NUM_STEPS = 12
@@ -173,8 +175,7 @@ def test_a_checkpoint_of_8_devices_restores_on_4(tmp_path):
   manager.wait_until_finished()
   manager.close()
   out = tmp_path / "restored.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = cpu_env(4)
   res = subprocess.run([sys.executable, "-c", _RESTORE_ON_4.format(
       tests=os.path.join(REPO, "tests"), workdir=workdir, out=str(out))], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)

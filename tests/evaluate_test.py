@@ -15,6 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from conftest import cpu_env
 from conftest import REPO
 from conftest import tiny_config
 from vae_scale.run import checkpoints
@@ -150,8 +151,7 @@ def _evaluate_cli(tmp_path, *flags):
   model_cfg = AutoencoderConfig.from_config(config)
   if not (tmp_path / "vae").exists():
     safetensors_io.export_diffusers(_random_params(model_cfg, 5), model_cfg, str(tmp_path / "vae"))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = cpu_env()
   cmd = [sys.executable, "-m", "vae_scale.evaluate", f"--config={REPO / 'tests' / 'tiny_config.py'}",
          f"--params={tmp_path / 'vae'}", f"--output_dir={tmp_path / 'eval'}", *flags]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -305,9 +304,9 @@ def test_a_run_killed_with_sigkill_reports_the_recomputed_steps(tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   import time as time_lib  # pylint: disable=g-import-not-at-top
   from conftest import REPO  # pylint: disable=g-import-not-at-top
+  from conftest import cpu_env  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env()
   cmd = [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'tests' / 'tiny_config.py'}",
          f"--workdir={workdir}", "--config.num_train_steps=400", "--config.log_every_steps=1",
          "--config.checkpoint_every_steps=8", "--config.eval_every_steps=400",

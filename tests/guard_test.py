@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from conftest import REPO
 from conftest import tiny_config
 from vae_scale.data import sampler
@@ -154,8 +155,7 @@ def test_rollbacks_used_up_stop_with_exit_3_naming_the_steps(tmp_path, monkeypat
 def test_sigterm_during_a_rollback_exits_42_and_the_rerun_ends_where_the_run_without_it_does(
     rolled, tmp_path):
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", **{faults.ENV: CORRUPT})
+  env = cpu_env(**{faults.ENV: CORRUPT})
   argv = [sys.executable, "-m", "vae_scale.main", f"--config={REPO / 'tests' / 'tiny_config.py'}",
           f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in (
               ("num_train_steps", STEPS), ("checkpoint_every_steps", 2), ("log_every_steps", 1),

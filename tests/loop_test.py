@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from conftest import REPO
 from conftest import tiny_config
 import feature_nets
@@ -83,8 +84,7 @@ def test_end_to_end_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
 
 def _main(tmp_path, *overrides, config=REPO / "configs" / "demo.py"):
   """`python -m vae_scale.main --config=CONFIG --workdir=TMP/run OVERRIDES`, as a user runs it."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = cpu_env()
   cmd = [sys.executable, "-m", "vae_scale.main", f"--config={config}",
          f"--workdir={tmp_path / 'run'}", *overrides]
   return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)

@@ -12,6 +12,7 @@ import flax
 import jax.numpy as jnp
 import pytest
 
+from conftest import cpu_env
 from conftest import REPO
 from conftest import tiny_config
 from vae_scale.data import sampler
@@ -123,8 +124,7 @@ def _main_argv(workdir, steps):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-              JAX_PLATFORMS="cpu")
+  return cpu_env()
 
 
 def _files(root):
