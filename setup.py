@@ -36,7 +36,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
 ]
 
-# Google Cloud diagnostics (vae_scale/run/cloud.py, imported only when its flags ask for them):
+# Google Cloud diagnostics (vae_scale/run/cloud.py and the modules it gates, imported only when its flags ask for them):
 # stack traces of a hung run (cloud-tpu-diagnostics) and goodput sent to Cloud Logging and Cloud
 # Monitoring (ml-goodput-measurement, which brings the google-cloud-logging/monitoring clients).
 GCP = [
@@ -45,7 +45,7 @@ GCP = [
 ]
 
 EXTRAS_REQUIRE = {
-    # The tests drive vae_scale/run/cloud.py against the real `gcp` libraries (nothing reaches
+    # The tests drive vae_scale/run/hang_watch.py and cloud_goodput.py against the real `gcp` libraries (nothing reaches
     # the cloud: their Cloud Logging writer is replaced in the tests).
     "test": [
         "pytest==9.2.0",

@@ -39,11 +39,13 @@ from vae_scale.data import sampler
 from vae_scale.errors import LeaseError
 from vae_scale.errors import NonFiniteError
 from vae_scale.errors import Preempted
+from vae_scale.eval import report
 from vae_scale.run import checkpoints
 from vae_scale.run import cloud
-from vae_scale.eval import report
+from vae_scale.run import cloud_goodput
 from vae_scale.run import goodput
 from vae_scale.run import guard as guard_lib
+from vae_scale.run import hang_watch
 from vae_scale.run import lease as lease_lib
 from vae_scale.run import preemption
 from vae_scale.run import resume
@@ -59,7 +61,8 @@ class Options:
   Attributes:
     force_lease: take the workdir's lease from its holder (--force_lease: the operator knows that
       run is gone).
-    cloud: hang diagnostics and goodput in Cloud Monitoring (`run.cloud`, opt-in flags).
+    cloud: hang diagnostics and goodput in Cloud Monitoring (`run.cloud`'s opt-in flags:
+      `run.hang_watch`, `run.cloud_goodput`).
   """
 
   force_lease: bool = False
@@ -110,13 +113,13 @@ class Session:
     try:
       self.recorder = goodput.Recorder(self.workdir, enabled=self.chief,
                                        start_time=self.watch.start_time)
-      self.cloud_goodput = cloud.CloudGoodput(
+      self.cloud_goodput = cloud_goodput.CloudGoodput(
           self.workdir, enabled=options.cloud.cloud_goodput and self.chief,
           run_name=options.cloud.cloud_goodput_run_name,
           upload_interval_s=options.cloud.cloud_goodput_upload_s,
           start_time=self.watch.start_time)
       self._exit.callback(self.cloud_goodput.close)
-      self.hang = self._exit.enter_context(cloud.hang_diagnostics(
+      self.hang = self._exit.enter_context(hang_watch.hang_diagnostics(
           options.cloud.hang_diagnostics, options.cloud.hang_timeout_s,
           options.cloud.stack_trace_to_cloud))
       self.manager = checkpoints.create_manager(self.workdir, self.config)
