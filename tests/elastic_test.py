@@ -16,8 +16,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import cpu_env
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_ENV = "VAE_SCALE_TEST_RECORD"  # The script's hook appends to $RECORD_p<process>.jsonl.
 NUM_STEPS = 12
@@ -175,6 +173,7 @@ def test_a_checkpoint_of_8_devices_restores_on_4(tmp_path):
   manager.wait_until_finished()
   manager.close()
   out = tmp_path / "restored.json"
+  from conftest import cpu_env  # pylint: disable=g-import-not-at-top  (not when run as a script)
   env = cpu_env(4)
   res = subprocess.run([sys.executable, "-c", _RESTORE_ON_4.format(
       tests=os.path.join(REPO, "tests"), workdir=workdir, out=str(out))], env=env, cwd=REPO,

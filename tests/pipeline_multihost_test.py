@@ -16,8 +16,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import cpu_env
-
 NUM_FILES = 48  # 2 processes x 3 batches x 8 per process = one epoch of train examples.
 PER_PROCESS_BATCH = 8
 TIMEOUT_S = 180
@@ -85,6 +83,7 @@ def test_two_processes_read_disjoint_shares_that_cover_the_folder(tmp_path):
   folder, workdir = str(tmp_path / "images"), str(tmp_path / "work")
   _write_folder(folder)
   port = _free_port()
+  from conftest import cpu_env  # pylint: disable=g-import-not-at-top  (not when run as a script)
   env = cpu_env(2, TF_CPP_MIN_LOG_LEVEL="3")
   procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), folder, workdir,
                              str(tmp_path / f"seen_{i}.json")], env=env,

@@ -87,7 +87,10 @@ def test_adaptive_weight_is_taken_on_the_whole_reconstruction_term_with_lpips(tm
   ldm_nll = lambda r: (jnp.sum(jnp.abs(x - r)) + 32 * 32 * 3 * jnp.sum(
       lpips.lpips_distance(lpips_params, r, x))) / x.shape[0]
   want, l1_only = direct(ldm_nll), direct(lambda r: jnp.sum(jnp.abs(x - r)) / x.shape[0])
-  np.testing.assert_allclose(np.asarray(rec_g), want, rtol=1e-3, atol=1e-6)
+  # Two summation orders of the same float32 gradient (the LPIPS term is summed over 3,072
+  # positions of magnitude ~100): entries near 0 carry ~1e-4 of the largest entry as rounding.
+  np.testing.assert_allclose(np.asarray(rec_g), want, rtol=1e-3,
+                             atol=2e-4 * float(np.max(np.abs(want))))
   assert np.linalg.norm(want - l1_only) > 0.05 * np.linalg.norm(l1_only)
 
 

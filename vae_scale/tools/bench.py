@@ -181,10 +181,13 @@ def _time_pipeline(config: ml_collections.ConfigDict, seconds: float, warmup_sec
     warm += 1
   batches, skipped = 0, 0
   t0, c0 = time.perf_counter(), tree_cpu_seconds()
-  while time.perf_counter() - t0 < seconds:
+  cpu = 0.0
+  while time.perf_counter() - t0 < seconds or cpu <= 0:  # Until the CPU clock has ticked too.
     skipped += int(next(it)[skipping.SKIPPED_KEY].sum())
     batches += 1
-  wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+    if time.perf_counter() - t0 >= seconds:
+      cpu = tree_cpu_seconds() - c0
+  wall = time.perf_counter() - t0
   n = batches * config.global_batch_size
   close = getattr(it, "close", None)
   if close is not None:
