@@ -12,7 +12,7 @@ from conftest import assert_trees_equal
 from conftest import random_params
 from conftest import small_autoencoder_config
 from vae_scale.interop import safetensors_io
-from vae_scale.interop import weights
+from vae_scale.run import weights
 
 
 @pytest.mark.slow  # Starts three `python -m vae_scale.convert` processes.

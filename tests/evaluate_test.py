@@ -25,7 +25,7 @@ from vae_scale.tools import evaluate
 from vae_scale.data import pipeline
 from vae_scale.errors import ConversionError
 from vae_scale.interop import safetensors_io
-from vae_scale.interop import weights
+from vae_scale.run import weights
 from vae_scale.models import AutoencoderConfig
 
 # tiny_config: 16 px, ch 4, ch_mult (1, 2) -> 8x8x4 latents; synthetic data, 64 train images.

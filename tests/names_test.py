@@ -8,7 +8,7 @@ from conftest import random_params
 from conftest import small_autoencoder_config
 from vae_scale.interop import diffusers_config
 from vae_scale.interop import names
-from vae_scale.interop import weights
+from vae_scale.run import weights
 
 SMALL = small_autoencoder_config()
 

@@ -11,7 +11,7 @@ from conftest import SMALL_DIFFUSERS
 from conftest import small_autoencoder_config
 from vae_scale.errors import ConversionError
 from vae_scale.interop import safetensors_io
-from vae_scale.interop import weights
+from vae_scale.run import weights
 
 SMALL = small_autoencoder_config()
 

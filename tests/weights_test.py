@@ -19,7 +19,7 @@ from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config
 from vae_scale.interop import names
 from vae_scale.interop import safetensors_io
-from vae_scale.interop import weights
+from vae_scale.run import weights
 from vae_scale.models import AutoencoderConfig
 
 # SMALL_DIFFUSERS's shape in vae_scale terms, plus self-attention at the 16 px level (both halves).

@@ -15,8 +15,7 @@ from etils import epath
 from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config
 from vae_scale.interop import names
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+from vae_scale.models.frozen_weights import PICKLE_SUFFIXES
 
 
 def refuse_pickle(path: str) -> ConversionError:

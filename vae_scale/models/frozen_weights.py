@@ -20,12 +20,13 @@ from etils import epath
 
 from vae_scale.errors import ConfigError
 from vae_scale.errors import ConversionError
-from vae_scale.interop.safetensors_io import PICKLE_SUFFIXES
 from vae_scale.models import dinov2
 from vae_scale.models import inception
 from vae_scale.models import lpips
 from vae_scale.models.dinov2 import Dinov2Config
 
+# Files that unpickle (torch.save and friends): never loaded, named in an error instead.
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 NET_KEY = "vae_scale_net"  # safetensors metadata entry naming the network.
 LPIPS_NET = "lpips_vgg_v0.1"
 INCEPTION_NET = "pytorch_fid_inception_2015_12_05"

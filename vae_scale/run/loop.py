@@ -27,7 +27,7 @@ from vae_scale.data import skipping
 from vae_scale.data import sources
 from vae_scale.eval import evaluator
 from vae_scale.eval import report
-from vae_scale.interop import weights
+from vae_scale.run import weights
 from vae_scale.models import frozen_weights
 from vae_scale.run import checkpoints
 from vae_scale.run import faults

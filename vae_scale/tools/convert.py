@@ -43,7 +43,7 @@ from vae_scale.interop import dinov2_weights
 from vae_scale.interop import safetensors_io
 from vae_scale.models import frozen_weights
 from vae_scale.interop import torch_convert
-from vae_scale.interop import weights
+from vae_scale.run import weights
 from vae_scale.models import AutoencoderConfig
 
 COMMANDS = ("import", "export", "lpips", "inception", "dinov2")

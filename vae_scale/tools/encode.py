@@ -36,7 +36,7 @@ from vae_scale.data import pipeline
 from vae_scale.data import sources
 from vae_scale.training.metrics import Moments
 from vae_scale.training.metrics import latent_summary
-from vae_scale.interop import weights as weights_lib
+from vae_scale.run import weights as weights_lib
 from vae_scale.models import AutoencoderConfig
 
 METADATA = "metadata.json"

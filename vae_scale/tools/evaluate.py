@@ -39,7 +39,7 @@ from vae_scale.eval import report
 from vae_scale.training import sharding
 from vae_scale.data import pipeline
 from vae_scale.models import frozen_weights
-from vae_scale.interop import weights as weights_lib
+from vae_scale.run import weights as weights_lib
 from vae_scale.run import checkpoints
 
 

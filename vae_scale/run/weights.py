@@ -4,7 +4,8 @@ Sources: a diffusers `AutoencoderKL` folder (or a pipeline folder with `vae/`), 
 `.safetensors` (VAE-only or a full SD checkpoint), a diffusers-named `.safetensors`, a params
 directory written by `python -m vae_scale.convert import`, or a run workdir (its latest checkpoint).
 Whatever the source, `load_params` returns vae_scale params checked name by name and shape by shape
-against the architecture they must fit.
+against the architecture they must fit. It sits in run/ because a run's workdir is one of the
+sources (`run.checkpoints`); the file formats themselves are interop's.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vae_scale.run import checkpoints
 from vae_scale import models
-from vae_scale.run import state_tree
 from vae_scale.errors import ConversionError
 from vae_scale.interop import diffusers_config
 from vae_scale.interop import names
 from vae_scale.interop import safetensors_io
 from vae_scale.models import AutoencoderConfig
+from vae_scale.run import checkpoints
+from vae_scale.run import state_tree
 
 Params = dict
 PARAMS_METADATA = "vae_scale_params.json"  # Marks a params directory written by `import`.
