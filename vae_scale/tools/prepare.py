@@ -305,42 +305,44 @@ def _clean_work(work_dir: str, o: PrepareOptions) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+# The help of each flag; a flag per PrepareOptions field named here, its type and default the field's.
+FLAG_HELP = {
+    "src": "Images: a folder, a glob, a manifest .txt, or webdataset .tar shards (a glob or brace "
+           "list); local or gs://.",
+    "out": "TFDS data_dir the dataset goes to (local or gs://).",
+    "name": "Dataset name (lower case, digits, '_').",
+    "eval_src": "Held-out images ('validation'); empty: hold out --eval_fraction of --src.",
+    "eval_fraction": "Share of --src held out, drawn by a seeded hash of each key (0: none).",
+    "seed": "Seed of the held-out draw.",
+    "max_side": "Shrink images whose shorter side exceeds this to it (stored as JPEG "
+                "--jpeg_quality).",
+    "image_size": "The training crop; --max_side must not be below it.",
+    "jpeg_quality": "Quality of re-encoded JPEGs.",
+    "max_pixels": "Skip images with more pixels (the trainer's data.max_pixels).",
+    "keep_duplicates": "Keep exact duplicates (same file bytes) instead of the first only.",
+    "num_workers": "Processes (0: every core).",
+    "chunk_size": "Image files per work unit (the most a rerun redoes per worker; a tar is one "
+                  "unit).",
+    "work_dir": "Staging folder (default: OUT/.vae_scale_prepare/NAME, or a local temp folder for "
+                "gs://).",
+    "overwrite": "Replace another dataset of that name.",
+    "beam_pipeline_options": "Run on Apache Beam with these options, e.g. 'runner=DirectRunner,"
+                             "direct_num_workers=8,direct_running_mode=multi_processing' (TFDS's "
+                             "format); empty: the local process pool.",
+    "keep_work_dir": "Keep the staging folder.",
+}
+
+
 def define_flags() -> dict[str, Any]:
-  """The flags of `python -m vae_scale.prepare` (defined by `entry` only)."""
+  """The flags of `python -m vae_scale.prepare` (defined by `entry` only): one per `FLAG_HELP`
+  entry, typed and defaulted as its PrepareOptions field (no default: required)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  f, d = flags, PrepareOptions
-  return {
-      "src": f.DEFINE_string("src", None, "Images: a folder, a glob, a manifest .txt, or "
-                             "webdataset .tar shards (a glob or brace list); local or gs://."),
-      "out": f.DEFINE_string("out", None, "TFDS data_dir the dataset goes to (local or gs://)."),
-      "name": f.DEFINE_string("name", None, "Dataset name (lower case, digits, '_')."),
-      "eval_src": f.DEFINE_string("eval_src", d.eval_src, "Held-out images ('validation'); "
-                                  "empty: hold out --eval_fraction of --src."),
-      "eval_fraction": f.DEFINE_float("eval_fraction", d.eval_fraction, "Share of --src held "
-                                      "out, drawn by a seeded hash of each key (0: none)."),
-      "seed": f.DEFINE_integer("seed", d.seed, "Seed of the held-out draw."),
-      "max_side": f.DEFINE_integer("max_side", d.max_side, "Shrink images whose shorter side "
-                                   "exceeds this to it (stored as JPEG --jpeg_quality)."),
-      "image_size": f.DEFINE_integer("image_size", d.image_size, "The training crop; "
-                                     "--max_side must not be below it."),
-      "jpeg_quality": f.DEFINE_integer("jpeg_quality", d.jpeg_quality, "Quality of re-encoded "
-                                       "JPEGs."),
-      "max_pixels": f.DEFINE_integer("max_pixels", d.max_pixels, "Skip images with more pixels "
-                                     "(the trainer's data.max_pixels)."),
-      "keep_duplicates": f.DEFINE_bool("keep_duplicates", d.keep_duplicates, "Keep exact "
-                                       "duplicates (same file bytes) instead of the first only."),
-      "num_workers": f.DEFINE_integer("num_workers", d.num_workers, "Processes (0: every core)."),
-      "chunk_size": f.DEFINE_integer("chunk_size", d.chunk_size, "Image files per work unit "
-                                     "(the most a rerun redoes per worker; a tar is one unit)."),
-      "work_dir": f.DEFINE_string("work_dir", d.work_dir, "Staging folder (default: "
-                                  "OUT/.vae_scale_prepare/NAME, or a local temp folder for gs://)."),
-      "overwrite": f.DEFINE_bool("overwrite", d.overwrite, "Replace another dataset of that name."),
-      "beam_pipeline_options": f.DEFINE_string(
-          "beam_pipeline_options", d.beam_pipeline_options, "Run on Apache Beam with these "
-          "options, e.g. 'runner=DirectRunner,direct_num_workers=8,direct_running_mode="
-          "multi_processing' (TFDS's format); empty: the local process pool."),
-      "keep_work_dir": f.DEFINE_bool("keep_work_dir", d.keep_work_dir, "Keep the staging folder."),
-  }
+  define = {"str": flags.DEFINE_string, "float": flags.DEFINE_float,
+            "int": flags.DEFINE_integer, "bool": flags.DEFINE_bool}
+  fields = {f.name: f for f in dataclasses.fields(PrepareOptions)}
+  return {name: define[fields[name].type](
+      name, None if fields[name].default is dataclasses.MISSING else fields[name].default, text)
+          for name, text in FLAG_HELP.items()}
 
 
 def main(argv: list[str], fl: dict[str, Any]) -> int:
