@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import feature_nets
+from vae_scale.config import diffusability_rules
 from vae_scale.errors import ConfigError
 from vae_scale.training import equivariance as eq
 
@@ -124,14 +125,15 @@ def test_draw_is_deterministic_in_the_key_and_distributed_as_eq_vae():
 
 def _config_error(cfg, latent_size) -> str:
   with pytest.raises(ConfigError) as e:
-    eq.check_config(cfg, latent_size)
+    diffusability_rules.check_transforms(cfg, latent_size)
   assert "\n" not in str(e.value)
   return str(e.value)
 
 
 def test_bad_configs_are_one_line_config_errors():
-  eq.check_config(eq.EquivarianceConfig(), LATENT)  # EQ-VAE's k/32 on SD's 32 x 32 latent.
-  eq.check_config(eq.EquivarianceConfig(scales=eq.README_SCALES), 16)  # f16 at 256 px.
+  # EQ-VAE's k/32 on SD's 32 x 32 latent; the README's scales on f16 at 256 px.
+  diffusability_rules.check_transforms(eq.EquivarianceConfig(), LATENT)
+  diffusability_rules.check_transforms(eq.EquivarianceConfig(scales=eq.README_SCALES), 16)
   msg = _config_error(eq.EquivarianceConfig(scales=(0.5, 0.3)), LATENT)
   assert msg.startswith("config.loss.equivariance_scales: 0.3 does not map the 32x32 latent")
   assert "k/32" in msg and "0.25, 0.5, 0.75, 1" in msg

@@ -25,7 +25,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vae_scale.config import diffusability_rules
 from vae_scale.models import resample
 
 Array = jax.Array
@@ -74,19 +73,6 @@ class Transform(NamedTuple):
   mode: Array
   scale_index: Array
   rotation: Array
-
-
-def check_config(cfg: EquivarianceConfig, latent_size: int, field: str = "loss.equivariance"
-                 ) -> None:
-  """One ConfigError line for a transform set the latent cannot take, before anything compiles
-  (`config.diffusability_rules.check_transforms`, which `config.schema.validate` runs).
-
-  Args:
-    cfg: the transform distribution.
-    latent_size: the latent's side (image_size / the autoencoder's downsampling factor).
-    field: the config field prefix for messages.
-  """
-  diffusability_rules.check_transforms(cfg, latent_size, field)
 
 
 def sample_transform(key: Array, cfg: EquivarianceConfig) -> Transform:

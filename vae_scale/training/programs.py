@@ -150,20 +150,18 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, frozen: Any = None,
   abstract = jax.eval_shape(init_fn, root_key)
   state_sharding = sharding.shardings_for(abstract, mesh)
   init = jax.jit(functools.partial(init_fn, root_key), out_shardings=state_sharding)
-  # Two variants, each compiled on first use: before disc.start_step the discriminator is not run
-  # at all (disc_factor is 0 there, so it would contribute nothing but cost).
-  ae_step = jit_train_step(step_cfg, state_sharding, mesh, lpips_params, dinov2_params)
-  gan_step = (jit_train_step(dataclasses.replace(step_cfg, adversarial=True), state_sharding, mesh,
-                             lpips_params, dinov2_params) if with_disc else None)
-  view_steps = {}
-  if step_cfg.equivariance is not None:  # One program per view: shapes differ between them.
-    for adversarial in (False, True) if with_disc else (False,):
-      for view in equivariance.views(step_cfg.equivariance):
-        view_steps[(adversarial, view)] = jit_train_step(
-            dataclasses.replace(step_cfg, adversarial=adversarial, view=view), state_sharding,
-            mesh, lpips_params, dinov2_params)
-    ae_step = view_steps[(False, equivariance.PLAIN_VIEW)]
-    gan_step = view_steps.get((True, equivariance.PLAIN_VIEW))
+  # The step's variants, each compiled on first use: before disc.start_step the discriminator is
+  # not run at all (disc_factor is 0 there, so it would contribute nothing but cost); with EQ-VAE's
+  # term, one program per view (their shapes differ).
+  views = (equivariance.views(step_cfg.equivariance) if step_cfg.equivariance is not None
+           else [equivariance.PLAIN_VIEW])
+  variants = {(adversarial, view): jit_train_step(
+      dataclasses.replace(step_cfg, adversarial=adversarial, view=view), state_sharding, mesh,
+      lpips_params, dinov2_params)
+              for adversarial in ((False, True) if with_disc else (False,)) for view in views}
+  ae_step = variants[(False, equivariance.PLAIN_VIEW)]
+  gan_step = variants.get((True, equivariance.PLAIN_VIEW))
+  view_steps = variants if step_cfg.equivariance is not None else {}
   return TrainPrograms(step_cfg=step_cfg,
                        abstract_state=sharding.with_shardings(abstract, state_sharding),
                        state_sharding=state_sharding, replicated=sharding.replicated(mesh),
